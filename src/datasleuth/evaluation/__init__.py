@@ -1,0 +1,36 @@
+"""Evaluation of influence estimates (METHOD.md §8): correlations, LDS, detection, sparsity."""
+
+from __future__ import annotations
+
+from datasleuth.evaluation.lds import LDSResult, lds, make_subsets, run_lds_experiments, subset_hash
+from datasleuth.evaluation.metrics import (
+    compare_detectors,
+    correlations,
+    detection_auc,
+    detection_curve,
+    pearson,
+    recall_at_k,
+    spearman,
+    top_k_overlap,
+)
+from datasleuth.evaluation.sparsity import PowerLawFit, fit_power_law, sparsity_report, top_share
+
+__all__ = [
+    "LDSResult",
+    "PowerLawFit",
+    "compare_detectors",
+    "correlations",
+    "detection_auc",
+    "detection_curve",
+    "fit_power_law",
+    "lds",
+    "make_subsets",
+    "pearson",
+    "recall_at_k",
+    "run_lds_experiments",
+    "sparsity_report",
+    "spearman",
+    "subset_hash",
+    "top_k_overlap",
+    "top_share",
+]

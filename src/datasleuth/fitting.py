@@ -1,0 +1,261 @@
+"""Fit per-layer curvature by streaming over a data loader (METHOD.md §3).
+
+Pass 1 (K-FAC, EK-FAC): accumulate the token-averaged factors A = E[ā āᵀ] and
+S = E[Ds Dsᵀ] (optionally only their O diagonal blocks), then eigendecompose them in
+float64. Pass 2 (EK-FAC) or the only pass (diagonal): accumulate per-sequence summed
+pseudo-gradients DW̄_seq = Σ_t Ds_t ā_tᵀ, rotated into the eigenbasis and squared
+(George et al. 2018; Grosse et al. 2023, Eq. 20). Pseudo-gradients come from labels
+sampled from the model (true Fisher = Gauss-Newton for matching losses), or from the
+true labels when ``fisher="empirical"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
+from datasleuth.errors import DatasleuthError
+from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, find_layers
+from datasleuth.progress import progress_bar
+from datasleuth.storage import model_fingerprint
+from datasleuth.task import Task
+from datasleuth.utils import compute_dtype, to_device
+
+__all__ = ["FitConfig", "fit_curvature", "resolve_layers"]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How curvature is fitted. Written into the metadata of every fitted artifact.
+
+    Attributes:
+        curvature: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"identity"``.
+        damping: absolute damping λ for every layer; ``None`` means
+            ``damping_scale`` × mean eigenvalue of each layer (Grosse et al. use 0.1).
+        damping_scale: relative damping used when ``damping`` is ``None``.
+        fisher: ``"sampled"`` labels from the model (true Fisher, default) or
+            ``"empirical"`` (the data's own labels).
+        blocks: split A and S into this many diagonal blocks (1 = no split).
+        seed: seed of the label sampler.
+        max_batches: stop each pass after this many batches (``None`` = all).
+    """
+
+    curvature: str = "ekfac"
+    damping: float | None = None
+    damping_scale: float = 0.1
+    fisher: str = "sampled"
+    blocks: int = 1
+    seed: int = 0
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise DatasleuthError(
+                f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}"
+            )
+        if self.fisher not in ("sampled", "empirical"):
+            raise DatasleuthError(f"fisher must be 'sampled' or 'empirical', not {self.fisher!r}")
+        if self.damping is not None and not self.damping > 0:
+            raise DatasleuthError(f"damping must be > 0, got {self.damping}; use e.g. 1e-3")
+        if not self.damping_scale > 0:
+            raise DatasleuthError(f"damping_scale must be > 0, got {self.damping_scale}")
+        if not (isinstance(self.blocks, int) and self.blocks >= 1):
+            raise DatasleuthError(f"blocks must be a positive integer, got {self.blocks!r}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise DatasleuthError("max_batches must be >= 1 or None")
+
+
+def resolve_layers(
+    model: nn.Module, layers: Sequence[str] | Sequence[TrackedLayer] | None
+) -> list[TrackedLayer]:
+    """Accept tracked layers, glob patterns, or None (= every supported layer)."""
+    if layers is None:
+        return find_layers(model)
+    layers = list(layers)
+    if layers and all(isinstance(x, TrackedLayer) for x in layers):
+        return layers  # type: ignore[return-value]
+    return find_layers(model, include=[str(x) for x in layers])
+
+
+def _block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
+    """Split range(n) into ``min(blocks, n)`` near-equal contiguous pieces."""
+    k = min(blocks, n)
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class _Stats:
+    """Streaming sums for one layer."""
+
+    def __init__(self, layer: TrackedLayer, blocks: int):
+        p, m = layer.grad_shape
+        self.in_bounds = _block_bounds(m, blocks)
+        self.out_bounds = _block_bounds(p, blocks)
+        self.a_cov = [torch.zeros(e - s, e - s, dtype=torch.float64) for s, e in self.in_bounds]
+        self.s_cov = [torch.zeros(e - s, e - s, dtype=torch.float64) for s, e in self.out_bounds]
+        self.lam = torch.zeros(p, m, dtype=torch.float64)
+        self.tokens = 0  # unmasked tokens seen by the factor pass
+        self.sequences = 0  # sequences seen by the eigenvalue pass (or factor pass for K-FAC)
+
+
+class _Batch:
+    """The current batch's mask, shared with the per-layer callbacks."""
+
+    mask: Tensor | None = None
+
+    def tokens(self, a: Tensor) -> int:
+        return int(self.mask.sum()) if self.mask is not None else a.shape[0] * a.shape[1]
+
+
+def _run_pass(
+    model: nn.Module,
+    task: Task,
+    loader: Iterable[Any],
+    layers: list[TrackedLayer],
+    on_layer,
+    current: _Batch,
+    config: FitConfig,
+    desc: str,
+    progress: bool,
+) -> None:
+    generator = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device
+    with capture(model, layers, on_layer, dtype=compute_dtype(model)) as state:
+        for i, batch in enumerate(progress_bar(loader, desc=desc, enabled=progress)):
+            if config.max_batches is not None and i >= config.max_batches:
+                break
+            batch = to_device(batch, device)
+            current.mask = task.mask(batch)
+            state.set_batch(current.mask)
+            if config.fisher == "sampled":
+                objective = task.sampled_loss(model, batch, generator).sum()
+            else:
+                objective = task.loss(model, batch).sum()
+            backward_to_outputs(objective, state)
+
+
+def fit_curvature(
+    model: nn.Module,
+    task: Task,
+    loader: Iterable[Any],
+    layers: Sequence[str] | Sequence[TrackedLayer] | None = None,
+    config: FitConfig | None = None,
+    progress: bool = True,
+) -> Curvature:
+    """Fit curvature of every tracked layer on the batches of ``loader``.
+
+    ``loader`` is iterated once (identity: never; diagonal: once; K-FAC: once;
+    EK-FAC: twice), in the model's train-free (eval) mode.
+    """
+    config = config or FitConfig()
+    tracked = resolve_layers(model, layers)
+    was_training = model.training
+    model.eval()
+    try:
+        stats = {layer.name: _Stats(layer, config.blocks) for layer in tracked}
+        current = _Batch()
+        if config.curvature in ("kfac", "ekfac"):
+            _run_pass(model, task, loader, tracked, _covariance_fn(stats, current), current,
+                      config, "fit factors", progress)
+            bases = {name: _eigenbases(s) for name, s in stats.items()}
+        else:
+            bases = {name: (None, None, None, None) for name in stats}
+        if config.curvature in ("ekfac", "diagonal"):
+            _run_pass(model, task, loader, tracked, _eigenvalue_fn(stats, bases), current,
+                      config, "fit eigenvalues", progress)
+    finally:
+        model.train(was_training)
+    layers_out = {}
+    for layer in tracked:
+        s = stats[layer.name]
+        q_out, q_in, lam_s, lam_a = bases[layer.name]
+        if config.curvature == "identity":
+            lam, damping = torch.zeros(layer.grad_shape, dtype=torch.float64), 1.0
+        else:
+            if config.curvature == "kfac":
+                _require(s.tokens, layer)
+                mean_tokens = s.tokens / s.sequences
+                lam = mean_tokens * torch.outer(lam_s, lam_a)  # T̄ · (Λ_S ⊗ Λ_A)
+            else:
+                _require(s.sequences, layer)
+                lam = s.lam / s.sequences  # E_seq[(Q_Sᵀ DW̄ Q_A)^∘2]
+            mean = float(lam.mean())
+            damping = config.damping if config.damping is not None else (
+                config.damping_scale * mean if mean > 0 else config.damping_scale
+            )
+        layers_out[layer.name] = LayerCurvature(lam, float(damping), q_out, q_in, lam_s, lam_a)
+    some = next(iter(stats.values()))
+    metadata = {
+        "config": asdict(config),
+        "fingerprint": model_fingerprint(model, tracked),
+        "layer_shapes": {layer.name: list(layer.grad_shape) for layer in tracked},
+        "sequences": some.sequences,
+        "tokens": some.tokens,
+    }
+    return Curvature(config.curvature, layers_out, metadata)
+
+
+def _require(count: int, layer: TrackedLayer) -> None:
+    if count == 0:
+        raise DatasleuthError(
+            f"layer {layer.name!r} saw no data while fitting; pass a non-empty loader"
+        )
+
+
+def _covariance_fn(stats: dict[str, _Stats], current: _Batch):
+    """Accumulate A and S (their diagonal blocks) over unmasked tokens."""
+
+    def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        s = stats[layer.name]
+        a2 = a.reshape(-1, a.shape[-1])  # (B*T, M+1); padded rows are zero
+        g2 = g.reshape(-1, g.shape[-1])  # (B*T, P)
+        for i, (lo, hi) in enumerate(s.in_bounds):
+            s.a_cov[i] += (a2[:, lo:hi].t() @ a2[:, lo:hi]).double()
+        for i, (lo, hi) in enumerate(s.out_bounds):
+            s.s_cov[i] += (g2[:, lo:hi].t() @ g2[:, lo:hi]).double()
+        s.tokens += current.tokens(a)
+        s.sequences += a.shape[0]
+
+    return on_layer
+
+
+def _eigh(blocks: list[Tensor], count: int) -> tuple[Basis, Tensor]:
+    """Eigendecompose each (symmetrised, float64) block of a token-averaged factor."""
+    vals, vecs = [], []
+    for c in blocks:
+        c = c / max(count, 1)
+        lam, q = torch.linalg.eigh(0.5 * (c + c.t()))
+        vals.append(lam.clamp_min(0.0))
+        vecs.append(q)
+    return Basis(vecs), torch.cat(vals)
+
+
+def _eigenbases(s: _Stats) -> tuple[Basis, Basis, Tensor, Tensor]:
+    """(Q_S, Q_A, Λ_S, Λ_A) of one layer; frees the accumulated factors."""
+    q_in, lam_a = _eigh(s.a_cov, s.tokens)
+    q_out, lam_s = _eigh(s.s_cov, s.tokens)
+    s.a_cov, s.s_cov = [], []
+    return q_out, q_in, lam_s, lam_a
+
+
+def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
+    """Accumulate Σ_seq (Q_Sᵀ DW̄_seq Q_A)^∘2 (diagonal Fisher: Q = I)."""
+    counted: dict[str, int] = {}
+
+    def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        s = stats[layer.name]
+        q_out, q_in, _, _ = bases[layer.name]
+        if q_in is not None:
+            a = q_in.to_basis(a, -1)  # ā' = Q_Aᵀ ā per token, (B, T, M+1)
+            g = q_out.to_basis(g, -1)  # Ds' = Q_Sᵀ Ds per token, (B, T, P)
+        dw = torch.einsum("btp,btm->bpm", g, a)  # (B, P, M+1) rotated per-sequence gradient
+        s.lam += dw.square().sum(0).double()
+        counted[layer.name] = counted.get(layer.name, 0) + a.shape[0]
+        s.sequences = counted[layer.name]
+
+    return on_layer
