@@ -10,6 +10,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.hooks import TrackedLayer, find_layers
 from datasleuth.scoring import (
+    Preconditioner,
     Scores,
     pairwise_scores,
     precondition_queries,
@@ -29,6 +30,7 @@ __all__ = [
     "DatasleuthError",
     "FitConfig",
     "LayerCurvature",
+    "Preconditioner",
     "RegressionTask",
     "Scores",
     "Task",

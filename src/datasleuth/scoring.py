@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ from datasleuth.task import Task
 from datasleuth.utils import compute_dtype, to_device
 
 __all__ = [
+    "Preconditioner",
     "Scores",
     "collect_gradients",
     "precondition_queries",
@@ -64,7 +65,26 @@ class Scores:
     layer_names: list[str]
 
 
-def _layers(model: nn.Module, curvature: Curvature) -> list[TrackedLayer]:
+class Preconditioner(Protocol):
+    """What scoring needs from a curvature estimate: any object with these members.
+
+    :class:`~datasleuth.curvature.Curvature` (identity, diagonal, K-FAC, EK-FAC) is one;
+    the reference estimators in :mod:`datasleuth.estimators` are others.
+    """
+
+    kind: str
+
+    @property
+    def layer_names(self) -> list[str]: ...
+
+    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """(G + λI)⁻¹ applied to per-example layer gradients {name: (B, P, M+1)}."""
+        ...
+
+    def to(self, device: torch.device | str) -> Preconditioner: ...
+
+
+def _layers(model: nn.Module, curvature: Preconditioner) -> list[TrackedLayer]:
     return layers_by_name(model, curvature.layer_names)
 
 
@@ -125,7 +145,7 @@ def collect_gradients(
 def precondition_queries(
     model: nn.Module,
     task: Task,
-    curvature: Curvature,
+    curvature: Preconditioner,
     queries: Iterable[Any],
     progress: bool = False,
 ) -> dict[str, Tensor]:
@@ -171,7 +191,7 @@ def scan_scores(
 def pairwise_scores(
     model: nn.Module,
     task: Task,
-    curvature: Curvature,
+    curvature: Preconditioner,
     queries: Iterable[Any],
     train: Iterable[Any],
     progress: bool = True,
@@ -189,24 +209,33 @@ def pairwise_scores(
 def self_influence(
     model: nn.Module,
     task: Task,
-    curvature: Curvature,
+    curvature: Preconditioner,
     train: Iterable[Any],
     progress: bool = True,
 ) -> Scores:
-    """∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) for every training example: total (N,), per layer (N, L)."""
-    layers = _layers(model, curvature)
+    """∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) for every training example: total (N,), per layer (N, L).
+
+    Block-diagonal curvatures (:class:`Curvature`) take the fast path in their
+    eigenbasis; any other preconditioner gets the batch's gradients of all layers at once.
+    """
+    layers = layers_by_name(model, curvature.layer_names)
     curv = curvature.to(next(model.parameters()).device)
-    position = {layer.name: i for i, layer in enumerate(layers)}
-    buffer: dict[int, Tensor] = {}
+    fast = isinstance(curv, Curvature)
+    names = [layer.name for layer in layers]
+    buffer: dict[str, Tensor] = {}
     parts: list[Tensor] = []
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
-        buffer[position[layer.name]] = curv.layers[layer.name].quadratic(
-            per_example_gradients(a, g)
-        )
+        dw = per_example_gradients(a, g)  # (B, P, M+1)
+        buffer[layer.name] = curv.layers[layer.name].quadratic(dw) if fast else dw
 
     def on_batch_end(n: int) -> None:
-        parts.append(torch.stack([buffer[i] for i in range(len(layers))], -1).cpu())
+        if fast:
+            per_layer = [buffer[name] for name in names]
+        else:
+            pre = curv.precondition(buffer)
+            per_layer = [(pre[name] * buffer[name]).sum((-2, -1)) for name in names]
+        parts.append(torch.stack(per_layer, -1).cpu())
         buffer.clear()
 
     _stream(model, task, train, layers, on_layer, on_batch_end, "loss", "self-influence",
@@ -214,7 +243,7 @@ def self_influence(
     if not parts:
         raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
     per_layer = torch.cat(parts)  # (N, L)
-    return Scores(per_layer.sum(-1), per_layer, curvature.layer_names)
+    return Scores(per_layer.sum(-1), per_layer, list(names))
 
 
 def token_scores(
