@@ -1,0 +1,278 @@
+"""The scan: every training sequence against every query, top-k kept, details for the top.
+
+One streaming pass scores all packed training sequences (or only BM25 candidates)
+against all queries and keeps, per query, the k most positive and most negative
+sequences with their per-layer breakdown — the full score matrix is never held
+(optionally it is streamed to Parquet). The selected sequences then get token-wise
+scores (METHOD.md §6) and the spurious-sequence flag, and everything is returned as
+the JSON results document that :mod:`datasleuth.report` renders.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from datasleuth.errors import DatasleuthError
+from datasleuth.lm.corpus import PackedCorpus
+from datasleuth.lm.task import CausalLMTask
+from datasleuth.scoring import scan_scores, token_scores
+
+__all__ = ["TraceConfig", "RunningTopK", "scan_corpus", "trace_details", "TOKEN_OFFSET_NOTE"]
+
+TOKEN_OFFSET_NOTE = (
+    "The heat on token t is the weight update that pairs the layer input at t with the "
+    "gradient of predicting token t+1 (and later tokens through attention)."
+)
+SPURIOUS_RATIO = 2.0 / 3.0
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """How a trace runs; written into the results document."""
+
+    top_k: int = 20
+    bottom_k: int = 10
+    batch_size: int = 8
+    histogram_bins: int = 40
+    histogram_sample: int = 50_000
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.bottom_k < 0:
+            raise DatasleuthError("top_k must be >= 1 and bottom_k >= 0")
+        if self.batch_size < 1:
+            raise DatasleuthError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+class RunningTopK:
+    """Per query, the k largest values seen so far with their index and a payload."""
+
+    def __init__(self, n_queries: int, k: int, payload_dim: int, largest: bool = True):
+        self.sign = 1.0 if largest else -1.0
+        self.k = k
+        self.values = torch.full((n_queries, 0), float("-inf"), dtype=torch.float64)
+        self.indices = torch.zeros((n_queries, 0), dtype=torch.long)
+        self.payload = torch.zeros((n_queries, 0, payload_dim), dtype=torch.float64)
+
+    def update(self, indices: Tensor, scores: Tensor, payload: Tensor, valid: Tensor) -> None:
+        """indices (B,), scores (B, Q), payload (B, Q, L), valid (B, Q) bool."""
+        v = torch.where(valid.t(), self.sign * scores.t().double(), float("-inf"))  # (Q, B)
+        values = torch.cat([self.values, v], 1)
+        idx = torch.cat([self.indices, indices[None].expand(v.shape[0], -1).cpu()], 1)
+        pay = torch.cat([self.payload, payload.permute(1, 0, 2).double().cpu()], 1)
+        keep = min(self.k, values.shape[1])
+        # stable order: larger value first, then lower index
+        order = torch.argsort(idx, dim=1, stable=True)
+        values, idx, pay = (values.gather(1, order), idx.gather(1, order),
+                            pay.gather(1, order[..., None].expand_as(pay)))
+        top = torch.argsort(-values, dim=1, stable=True)[:, :keep]
+        self.values = values.gather(1, top)
+        self.indices = idx.gather(1, top)
+        self.payload = pay.gather(1, top[..., None].expand(-1, -1, pay.shape[2]))
+
+    def results(self, q: int) -> list[tuple[int, float, list[float]]]:
+        """(index, score, payload) for query ``q``, best first; never-filled slots dropped."""
+        out = []
+        for v, i, p in zip(self.values[q], self.indices[q], self.payload[q]):
+            if torch.isfinite(v):
+                out.append((int(i), float(self.sign * v), p.tolist()))
+        return out
+
+
+@dataclass
+class ScanResult:
+    """What one streaming pass keeps: top/bottom per query and a histogram sample."""
+
+    top: RunningTopK
+    bottom: RunningTopK
+    samples: list[list[float]]
+    scanned: list[int]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _subset_loader(corpus: PackedCorpus, indices: Sequence[int], batch_size: int) -> DataLoader:
+    return DataLoader(list(int(i) for i in indices), batch_size=batch_size, shuffle=False,
+                      collate_fn=corpus.collate)
+
+
+def scan_corpus(
+    model: nn.Module,
+    preconditioned: dict[str, Tensor],
+    corpus: PackedCorpus,
+    config: TraceConfig,
+    candidates: list[np.ndarray] | None = None,
+    scores_path: str | Path | None = None,
+    query_ids: Sequence[str] | None = None,
+    scanner: Callable | None = None,
+    progress: bool = True,
+) -> ScanResult:
+    """Score the corpus (or the union of per-query ``candidates``) against all queries.
+
+    ``scanner(model, task, train_loader, on_scores, progress)`` replaces the full-rank
+    scan (query batching plugs in here). ``scores_path`` streams every score to Parquet.
+    """
+    n_queries = next(iter(preconditioned.values())).shape[0]
+    n_layers = len(preconditioned)
+    if candidates is not None:
+        union = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates]))
+        member = torch.zeros(n_queries, len(corpus), dtype=torch.bool)
+        for q, c in enumerate(candidates):
+            member[q, torch.as_tensor(np.asarray(c, dtype=np.int64))] = True
+    else:
+        union, member = np.arange(len(corpus)), None
+    if len(union) == 0:
+        raise DatasleuthError("there is nothing to scan: the corpus or candidate set is empty")
+    loader = _subset_loader(corpus, union, config.batch_size)
+    top = RunningTopK(n_queries, config.top_k, n_layers, largest=True)
+    bottom = RunningTopK(n_queries, max(config.bottom_k, 1), n_layers, largest=False)
+    stride = max(1, len(union) // config.histogram_sample)
+    samples: list[list[float]] = [[] for _ in range(n_queries)]
+    scanned = [0] * n_queries
+    writer = _ParquetScores(scores_path, query_ids) if scores_path else None
+    task = CausalLMTask()
+
+    def on_scores(start: int, per_layer: Tensor) -> None:
+        idx = torch.as_tensor(union[start : start + per_layer.shape[0]])
+        total = per_layer.sum(-1)  # (B, Q)
+        valid = member[:, idx].t() if member is not None else torch.ones_like(total, dtype=bool)
+        top.update(idx, total, per_layer, valid)
+        bottom.update(idx, total, per_layer, valid)
+        take = (torch.arange(start, start + len(idx)) % stride) == 0
+        for q in range(n_queries):
+            ok = valid[:, q]
+            scanned[q] += int(ok.sum())
+            samples[q].extend(total[ok & take, q].tolist())
+        if writer is not None:
+            writer.write(idx, torch.where(valid, total, float("nan")))
+
+    try:
+        if scanner is None:
+            scan_scores(model, task, preconditioned, loader, on_scores, progress=progress)
+        else:
+            scanner(model, task, loader, on_scores, progress)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    return ScanResult(top, bottom, samples, scanned, {"scanned_sequences": int(len(union))})
+
+
+class _ParquetScores:
+    """All scores streamed to one Parquet file (index + one float32 column per query)."""
+
+    def __init__(self, path: str | Path, query_ids: Sequence[str] | None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.names = [f"query:{q}" for q in query_ids] if query_ids else None
+        self._pa, self._pq = pa, pq
+        self.writer = None
+
+    def write(self, idx: Tensor, scores: Tensor) -> None:
+        names = self.names or [f"query:{q}" for q in range(scores.shape[1])]
+        cols = {"sequence": self._pa.array(idx.numpy().astype(np.int64))}
+        for q, name in enumerate(names):
+            cols[name] = self._pa.array(scores[:, q].float().numpy())
+        table = self._pa.table(cols)
+        if self.writer is None:
+            self.writer = self._pq.ParquetWriter(str(self.tmp), table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _histogram(sample: list[float], bins: int) -> dict[str, list]:
+    if not sample:
+        return {"edges": [0.0, 1.0], "counts": [0]}
+    counts, edges = np.histogram(np.asarray(sample, dtype=np.float64), bins=bins)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def trace_details(
+    model: nn.Module,
+    preconditioned: dict[str, Tensor],
+    corpus: PackedCorpus,
+    scan: ScanResult,
+    queries: list[dict[str, Any]],
+    config: TraceConfig,
+    header: dict[str, Any],
+    rescored: bool = False,
+) -> dict[str, Any]:
+    """Token-wise scores for the selected sequences and the results document (report schema)."""
+    task = CausalLMTask()
+    layer_names = list(preconditioned)
+    chosen: dict[int, list[tuple[int, float, list[float]]]] = {}
+    for q in range(len(queries)):
+        chosen[q] = scan.top.results(q) + (scan.bottom.results(q)[: config.bottom_k]
+                                           if config.bottom_k else [])
+    needed = sorted({i for rows in chosen.values() for i, _, _ in rows})
+    tokens: dict[int, Tensor] = {}  # index -> (Q, T) token scores summed over layers
+    for start in range(0, len(needed), config.batch_size):
+        part = needed[start : start + config.batch_size]
+        ts = token_scores(model, task, preconditioned, corpus.collate(part))  # (B, Q, T, L)
+        for j, i in enumerate(part):
+            tokens[i] = ts[j].sum(-1).cpu()
+    out_queries = []
+    for q, query in enumerate(queries):
+        def sequence(rank: int, i: int, score: float, layers: list[float], q: int = q) -> dict:
+            pieces = corpus.token_pieces(i)
+            a = tokens[i][q, : len(pieces)].double()
+            l1 = float(a.abs().sum())
+            ratio = float(a.norm()) / l1 if l1 > 0 else 0.0
+            docs, seen = [], set()
+            for seg in corpus.segments(i):
+                if seg.doc_index not in seen:
+                    seen.add(seg.doc_index)
+                    docs.append({"doc_index": int(seg.doc_index), "char_start": int(seg.char_start),
+                                 "char_end": int(seg.char_end)})
+            return {
+                "rank": rank, "index": int(i), "score": float(score),
+                "layer_scores": [float(x) for x in layers], "documents": docs,
+                "tokens": [p for p, _, _ in pieces], "token_scores": a.tolist(),
+                "spurious": ratio > SPURIOUS_RATIO, "token_offset_note": TOKEN_OFFSET_NOTE,
+            }
+
+        top_rows = scan.top.results(q)
+        bottom_rows = scan.bottom.results(q)[: config.bottom_k] if config.bottom_k else []
+        out_queries.append({
+            "id": str(query["id"]),
+            "prompt": query["prompt"],
+            "completion": query["completion"],
+            "completion_tokens": list(query.get("completion_tokens", [])),
+            "score_histogram": _histogram(scan.samples[q], config.histogram_bins),
+            "n_scanned": int(scan.scanned[q]),
+            "layer_names": layer_names,
+            "top": [sequence(r + 1, i, s, ly) for r, (i, s, ly) in enumerate(top_rows)],
+            "bottom": [sequence(r + 1, i, s, ly) for r, (i, s, ly) in enumerate(bottom_rows)],
+        })
+    doc = {
+        "format_version": 1,
+        "tool": "datasleuth",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "warnings": [],
+        "config": {"trace": asdict(config), "rescored_full_rank": rescored},
+        "queries": out_queries,
+    }
+    doc.update(header)
+    return doc
