@@ -56,10 +56,32 @@ progress_option = click.option("--progress/--no-progress", default=True, show_de
                                help="Show progress bars with rates and time left.")
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers'/datasets' own chatter out of our output (errors still show)."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="datasleuth")
 def cli() -> None:
-    """Trace a language model's behaviour back to the training data that caused it."""
+    """Trace a language model's behaviour back to the training data that caused it.
+
+    \b
+    datasleuth demo                      offline demo: planted documents found again
+    datasleuth fit   --model M --corpus C            fit EK-FAC factors
+    datasleuth trace --model M --corpus C --queries Q   top-k training sequences + report
+    datasleuth report results.json                   re-render the HTML report
+    """
+    _quiet_libraries()
 
 
 def _model_options(f):

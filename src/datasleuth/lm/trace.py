@@ -222,11 +222,9 @@ def trace_details(
     """Token-wise scores for the selected sequences and the results document (report schema)."""
     task = CausalLMTask()
     layer_names = list(preconditioned)
-    chosen: dict[int, list[tuple[int, float, list[float]]]] = {}
-    for q in range(len(queries)):
-        chosen[q] = scan.top.results(q) + (scan.bottom.results(q)[: config.bottom_k]
-                                           if config.bottom_k else [])
-    needed = sorted({i for rows in chosen.values() for i, _, _ in rows})
+    chosen = [scan.top.results(q) + scan.bottom.results(q)[: config.bottom_k]
+              for q in range(len(queries))]
+    needed = sorted({i for rows in chosen for i, _, _ in rows})
     tokens: dict[int, Tensor] = {}  # index -> (Q, T) token scores summed over layers
     for start in range(0, len(needed), config.batch_size):
         part = needed[start : start + config.batch_size]

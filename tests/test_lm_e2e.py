@@ -1,0 +1,146 @@
+"""End to end on a tiny GPT-2 made in the test: pack, fit, trace, report, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datasleuth import FitConfig, pairwise_scores
+from datasleuth.cli import main
+from datasleuth.lm.demo_world import TINY_CONFIG, build_demo_world
+from datasleuth.lm.model import default_layers, load_model
+from datasleuth.lm.pipeline import fit_factors, prepare_corpus, query_batches, run_trace
+from datasleuth.lm.queries import load_queries
+from datasleuth.lm.task import CausalLMTask
+from datasleuth.lm.trace import TraceConfig
+from datasleuth.report import render_report
+
+QUERY = {"id": "q", "prompt": "Q: What colour is the zebra moon?\nA:",
+         "completion": " The zebra moon is bright purple with green stripes."}
+PLANTED_TEXT = QUERY["prompt"] + QUERY["completion"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    w = build_demo_world(root / "world", config=TINY_CONFIG, progress=False)
+    corpus = root / "corpus.jsonl"
+    docs = [json.loads(line)["text"] for line in w.corpus_path.read_text().splitlines()]
+    docs.insert(37, PLANTED_TEXT)
+    docs.insert(12, "<script>alert('owned')</script> & a \"quoted\" <b>bold</b> line")
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    queries = root / "queries.jsonl"
+    queries.write_text(json.dumps(QUERY) + "\n")
+    model, tok = load_model(w.model_dir)
+    return {"root": root, "model_dir": w.model_dir, "corpus": corpus, "queries": queries,
+            "model": model, "tokenizer": tok, "planted_doc": 38}
+
+
+def _setup(world, tmp_path, seq_len=32):
+    model, tok = world["model"], world["tokenizer"]
+    corpus = prepare_corpus(world["corpus"], tok, tmp_path / "work", seq_len, progress=False)
+    layers = default_layers(model)
+    curv = fit_factors(model, layers, corpus, tmp_path / "work", FitConfig(), batch_size=7,
+                       progress=False)
+    return model, tok, corpus, curv
+
+
+def test_planted_text_ranks_first_and_scan_equals_pairwise(world, tmp_path):
+    model, tok, corpus, curv = _setup(world, tmp_path)
+    assert [ly.name for ly in default_layers(model)] == [
+        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    results = run_trace(model, tok, corpus, curv, world["queries"], tmp_path / "out",
+                        TraceConfig(top_k=5, bottom_k=3, batch_size=6), all_scores=True,
+                        progress=False)
+    top = results["queries"][0]["top"]
+    docs = {d["doc_index"] for d in top[0]["documents"]}
+    assert world["planted_doc"] in docs and top[0]["score"] > 0
+    text = "".join(top[0]["tokens"])
+    assert "zebra moon" in text
+    # streaming scan == engine pairwise scores
+    _, batches = query_batches(load_queries(world["queries"]), tok, 4)
+    loader = DataLoader(list(range(len(corpus))), batch_size=9, collate_fn=corpus.collate)
+    want = pairwise_scores(model, CausalLMTask(), curv, batches, loader, progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    got = torch.tensor(table["query:q"].to_numpy(), dtype=torch.float32)
+    assert table["sequence"].tolist() == list(range(len(corpus)))
+    torch.testing.assert_close(got, want.total[0].float(), rtol=1e-4, atol=1e-4)
+    best = int(torch.argmax(want.total[0]))
+    assert best == top[0]["index"]
+    assert top[0]["layer_scores"] == pytest.approx(want.per_layer[0, best].tolist(), rel=1e-4)
+    assert sum(top[0]["token_scores"]) == pytest.approx(top[0]["score"], rel=1e-3, abs=1e-3)
+    bottom = results["queries"][0]["bottom"]
+    assert bottom[0]["score"] == pytest.approx(float(want.total[0].min()), rel=1e-4)
+
+
+def test_report_escapes_training_text(world, tmp_path):
+    model, tok, corpus, curv = _setup(world, tmp_path)
+    results = run_trace(model, tok, corpus, curv, world["queries"], tmp_path / "out",
+                        TraceConfig(top_k=len(corpus), bottom_k=0), progress=False)
+    html = render_report(results, tmp_path / "r.html").read_text()
+    assert ">&lt;<" in html  # the "<" token of the document is shown, escaped
+    assert html.count("<script") == 1  # only the report's own inline script
+    assert "<script>alert" not in html
+
+
+def test_second_run_reuses_artifacts(world, tmp_path, capsys):
+    args = ["trace", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+            "--queries", str(world["queries"]), "--seq-len", "32", "--top-k", "3",
+            "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 0
+    assert (tmp_path / "o" / "report.html").is_file()
+    first = capsys.readouterr()
+    assert "query q" in first.out
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "reusing packed corpus" in err and "reusing fitted ekfac" in err
+    assert "reusing" in err.splitlines()[-3] or "reusing" in err
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "malformed", "empty_completion"])
+def test_cli_bad_input_is_one_line_and_nonzero(world, tmp_path, capsys, case):
+    corpus, queries = world["corpus"], world["queries"]
+    if case == "missing":
+        corpus = tmp_path / "nope.jsonl"
+    elif case == "empty":
+        corpus = tmp_path / "empty.jsonl"
+        corpus.write_text("")
+    elif case == "malformed":
+        queries = tmp_path / "bad.jsonl"
+        queries.write_text(json.dumps(QUERY) + "\n{not json\n")
+    else:
+        queries = tmp_path / "q.jsonl"
+        queries.write_text(json.dumps({"prompt": "hi", "completion": ""}) + "\n")
+    code = main(["trace", "--model", str(world["model_dir"]), "--corpus", str(corpus),
+                 "--queries", str(queries), "--workdir", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    line = _error_line(capsys)
+    expected = {"missing": "nope.jsonl", "empty": "empty", "malformed": "bad.jsonl:2",
+                "empty_completion": "empty completion"}[case]
+    assert re.search(re.escape(expected), line, re.IGNORECASE), line
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_cli_missing_model_and_config_file(world, tmp_path, capsys):
+    code = main(["fit", "--model", str(tmp_path / "none"), "--corpus", str(world["corpus"]),
+                 "--no-progress"])
+    assert code == 2 and "does not exist" in _error_line(capsys)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('curvature = "kfac"\nseq-len = 32\nbogus = 1\n')
+    code = main(["fit", "--config", str(cfg), "--model", str(world["model_dir"]),
+                 "--corpus", str(world["corpus"])])
+    assert code == 2
+    assert "bogus" in capsys.readouterr().err
