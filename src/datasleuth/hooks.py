@@ -98,7 +98,9 @@ def find_layers(
         kind, m, p, bias = info
         layers.append(TrackedLayer(name, module, kind, m, p, bias))
     if not layers:
-        supported = [n or "(root)" for n, mod in model.named_modules() if _describe(mod) is not None]
+        supported = [
+            n or "(root)" for n, mod in model.named_modules() if _describe(mod) is not None
+        ]
         hint = ", ".join(supported[:6]) + (" ..." if len(supported) > 6 else "")
         raise DatasleuthError(
             f"no Linear/Conv1D layer matches include={list(include)} exclude={list(exclude)}; "
