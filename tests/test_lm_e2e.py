@@ -66,7 +66,8 @@ def test_planted_text_ranks_first_and_scan_equals_pairwise(world, tmp_path):
     _, batches = query_batches(load_queries(world["queries"]), tok, 4)
     loader = DataLoader(list(range(len(corpus))), batch_size=9, collate_fn=corpus.collate)
     want = pairwise_scores(model, CausalLMTask(), curv, batches, loader, progress=False)
-    table = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    table = pd.read_parquet(tmp_path / "out" / "scores")
+    table = table.sort_values("sequence")
     got = torch.tensor(table["query:q"].to_numpy(), dtype=torch.float32)
     assert table["sequence"].tolist() == list(range(len(corpus)))
     torch.testing.assert_close(got, want.total[0].float(), rtol=1e-4, atol=1e-4)
@@ -144,3 +145,40 @@ def test_cli_missing_model_and_config_file(world, tmp_path, capsys):
                  "--corpus", str(world["corpus"])])
     assert code == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_killed_scan_resumes_to_the_same_result(world, tmp_path):
+    from datasleuth.lm.trace import scan_corpus
+    from datasleuth.scoring import precondition_queries, scan_scores
+
+    model, tok, corpus, curv = _setup(world, tmp_path)
+    _, batches = query_batches(load_queries(world["queries"]), tok, 4)
+    pre = precondition_queries(model, CausalLMTask(), curv, batches)
+    cfg = TraceConfig(top_k=4, bottom_k=2, batch_size=16, histogram_sample=100)
+    want = scan_corpus(model, pre, corpus, cfg, scores_dir=tmp_path / "a", progress=False)
+
+    def dies_after_three(model, task, loader, on_scores, progress):
+        count = [0]
+
+        def counting(start, scores):
+            if count[0] == 3:
+                raise KeyboardInterrupt
+            count[0] += 1
+            on_scores(start, scores)
+
+        scan_scores(model, task, pre, loader, counting, progress=False)
+
+    ckpt = tmp_path / "ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        scan_corpus(model, pre, corpus, cfg, scores_dir=tmp_path / "b", scanner=dies_after_three,
+                    checkpoint=ckpt, checkpoint_seconds=0, run_key="k", progress=False)
+    assert ckpt.is_file()
+    got = scan_corpus(model, pre, corpus, cfg, scores_dir=tmp_path / "b", checkpoint=ckpt,
+                      checkpoint_seconds=0, run_key="k", progress=False)
+    assert got.stats["resumed_at"] == 48 and not ckpt.exists()
+    assert torch.equal(got.top.indices, want.top.indices)
+    assert torch.equal(got.bottom.values, want.bottom.values)
+    assert got.scanned == want.scanned and got.samples == want.samples
+    a = pd.read_parquet(tmp_path / "a").sort_values("sequence").reset_index(drop=True)
+    b = pd.read_parquet(tmp_path / "b").sort_values("sequence").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)

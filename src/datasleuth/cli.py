@@ -182,7 +182,8 @@ def fit(model_path, layers, attention, device, dtype, trust_remote_code, corpus_
               show_default=True, help="Pre-select candidates by BM25 token overlap (biased).")
 @click.option("--candidates", default=10_000, show_default=True, type=click.IntRange(1),
               help="Candidates per query kept by --filter bm25.")
-@click.option("--all-scores", is_flag=True, help="Also write every score to scores.parquet.")
+@click.option("--all-scores", is_flag=True,
+              help="Also write every score to OUT/scores/ (Parquet parts).")
 @click.option("--no-report", is_flag=True, help="Skip writing report.html.")
 @progress_option
 def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpus_path,

@@ -161,7 +161,10 @@ def run_trace(
     all_scores: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trace every query through the corpus; write results.json (reused if inputs match)."""
+    """Trace every query through the corpus; write results.json (reused if inputs match).
+
+    A killed scan resumes from its last checkpoint when re-run with the same inputs.
+    """
     out = Path(out_dir)
     queries = load_queries(queries_path)
     key = _digest({
@@ -191,8 +194,11 @@ def run_trace(
         say(f"warning: {warnings[-1]}")
     pre = precondition_queries(model, CausalLMTask(), curvature, batches)
     scan = scan_corpus(model, pre, corpus, config, candidates=candidates,
-                       scores_path=out / "scores.parquet" if all_scores else None,
-                       query_ids=[q.id for q in queries], progress=progress)
+                       scores_dir=out / "scores" if all_scores else None,
+                       query_ids=[q.id for q in queries], progress=progress,
+                       checkpoint=out / ".scan-checkpoint.safetensors", run_key=key)
+    if scan.stats["resumed_at"]:
+        say(f"resumed the scan after {scan.stats['resumed_at']} sequences")
     rows = [{"id": q.id, "prompt": q.prompt, "completion": q.completion,
              "completion_tokens": e.get("completion_tokens", [])}
             for q, e in zip(queries, encoded)]

@@ -11,6 +11,7 @@ the JSON results document that :mod:`datasleuth.report` renders.
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.scoring import scan_scores, token_scores
+from datasleuth.storage import load_tensors, save_tensors
 
 __all__ = ["TraceConfig", "RunningTopK", "scan_corpus", "trace_details", "TOKEN_OFFSET_NOTE"]
 
@@ -109,15 +111,21 @@ def scan_corpus(
     corpus: PackedCorpus,
     config: TraceConfig,
     candidates: list[np.ndarray] | None = None,
-    scores_path: str | Path | None = None,
+    scores_dir: str | Path | None = None,
     query_ids: Sequence[str] | None = None,
     scanner: Callable | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_seconds: float = 60.0,
+    run_key: str = "",
 ) -> ScanResult:
     """Score the corpus (or the union of per-query ``candidates``) against all queries.
 
     ``scanner(model, task, train_loader, on_scores, progress)`` replaces the full-rank
-    scan (query batching plugs in here). ``scores_path`` streams every score to Parquet.
+    scan (query batching plugs in here). ``scores_dir`` streams every score to Parquet
+    part files. With ``checkpoint``, the running state is saved every
+    ``checkpoint_seconds``; a re-run with the same ``run_key`` resumes after the last
+    saved batch instead of starting over.
     """
     n_queries = next(iter(preconditioned.values())).shape[0]
     n_layers = len(preconditioned)
@@ -130,56 +138,114 @@ def scan_corpus(
         union, member = np.arange(len(corpus)), None
     if len(union) == 0:
         raise DatasleuthError("there is nothing to scan: the corpus or candidate set is empty")
-    loader = _subset_loader(corpus, union, config.batch_size)
-    top = RunningTopK(n_queries, config.top_k, n_layers, largest=True)
-    bottom = RunningTopK(n_queries, max(config.bottom_k, 1), n_layers, largest=False)
-    stride = max(1, len(union) // config.histogram_sample)
-    samples: list[list[float]] = [[] for _ in range(n_queries)]
-    scanned = [0] * n_queries
-    writer = _ParquetScores(scores_path, query_ids) if scores_path else None
+    state = _ScanState(n_queries, n_layers, config, stride=max(1, len(union) //
+                                                                config.histogram_sample))
+    key = f"{run_key}:{len(union)}:{int(np.sum(union, dtype=np.int64))}"
+    if checkpoint is not None:
+        state.restore(checkpoint, key)
+    done = state.position
+    loader = _subset_loader(corpus, union[done:], config.batch_size)
+    writer = _ParquetParts(scores_dir, query_ids, keep=state.parts) if scores_dir else None
     task = CausalLMTask()
+    last_save = [time.monotonic()]
 
     def on_scores(start: int, per_layer: Tensor) -> None:
+        start += done
         idx = torch.as_tensor(union[start : start + per_layer.shape[0]])
         total = per_layer.sum(-1)  # (B, Q)
         valid = member[:, idx].t() if member is not None else torch.ones_like(total, dtype=bool)
-        top.update(idx, total, per_layer, valid)
-        bottom.update(idx, total, per_layer, valid)
-        take = (torch.arange(start, start + len(idx)) % stride) == 0
-        for q in range(n_queries):
-            ok = valid[:, q]
-            scanned[q] += int(ok.sum())
-            samples[q].extend(total[ok & take, q].tolist())
+        state.update(start, idx, total, per_layer, valid)
         if writer is not None:
             writer.write(idx, torch.where(valid, total, float("nan")))
+        if checkpoint is not None and time.monotonic() - last_save[0] >= checkpoint_seconds:
+            state.parts = writer.flush() if writer is not None else 0
+            state.save(checkpoint, key)
+            last_save[0] = time.monotonic()
 
-    try:
-        if scanner is None:
-            scan_scores(model, task, preconditioned, loader, on_scores, progress=progress)
-        else:
-            scanner(model, task, loader, on_scores, progress)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+    if scanner is None:
+        scan_scores(model, task, preconditioned, loader, on_scores, progress=progress)
+    else:
+        scanner(model, task, loader, on_scores, progress)
     if writer is not None:
-        writer.close()
-    return ScanResult(top, bottom, samples, scanned, {"scanned_sequences": int(len(union))})
+        writer.flush()
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return ScanResult(state.top, state.bottom, state.samples, state.scanned,
+                      {"scanned_sequences": int(len(union)), "resumed_at": int(done)})
 
 
-class _ParquetScores:
-    """All scores streamed to one Parquet file (index + one float32 column per query)."""
+class _ScanState:
+    """Running top/bottom-k, histogram samples and counts; saved for resuming."""
 
-    def __init__(self, path: str | Path, query_ids: Sequence[str] | None):
+    def __init__(self, n_queries: int, n_layers: int, config: TraceConfig, stride: int):
+        self.top = RunningTopK(n_queries, config.top_k, n_layers, largest=True)
+        self.bottom = RunningTopK(n_queries, max(config.bottom_k, 1), n_layers, largest=False)
+        self.samples: list[list[float]] = [[] for _ in range(n_queries)]
+        self.scanned = [0] * n_queries
+        self.position = 0
+        self.parts = 0
+        self.stride = stride
+
+    def update(self, start: int, idx: Tensor, total: Tensor, per_layer: Tensor,
+               valid: Tensor) -> None:
+        self.top.update(idx, total, per_layer, valid)
+        self.bottom.update(idx, total, per_layer, valid)
+        take = (torch.arange(start, start + len(idx)) % self.stride) == 0
+        for q in range(total.shape[1]):
+            ok = valid[:, q]
+            self.scanned[q] += int(ok.sum())
+            self.samples[q].extend(total[ok & take, q].tolist())
+        self.position = start + len(idx)
+
+    def save(self, path: str | Path, key: str) -> None:
+        tensors = {}
+        for name, tk in (("top", self.top), ("bottom", self.bottom)):
+            tensors.update({f"{name}.values": tk.values, f"{name}.indices": tk.indices,
+                            f"{name}.payload": tk.payload})
+        for q, sample in enumerate(self.samples):
+            tensors[f"sample.{q}"] = torch.tensor(sample, dtype=torch.float64)
+        meta = {"key": key, "position": self.position, "parts": self.parts,
+                "scanned": self.scanned}
+        save_tensors(path, tensors, meta)
+
+    def restore(self, path: str | Path, key: str) -> None:
+        if not Path(path).is_file():
+            return
+        tensors, meta = load_tensors(path)
+        if meta.get("key") != key:
+            return  # a checkpoint of another run: start over
+        for name, tk in (("top", self.top), ("bottom", self.bottom)):
+            tk.values = tensors[f"{name}.values"]
+            tk.indices = tensors[f"{name}.indices"]
+            tk.payload = tensors[f"{name}.payload"]
+        self.samples = [tensors[f"sample.{q}"].tolist() for q in range(len(self.samples))]
+        self.scanned = list(meta["scanned"])
+        self.position = int(meta["position"])
+        self.parts = int(meta["parts"])
+
+
+class _ParquetParts:
+    """All scores streamed to ``dir/part-NNNNN.parquet`` (sequence + one column per query).
+
+    A part is closed (renamed into place) at every checkpoint, so a resumed scan keeps
+    the parts written before its checkpoint and drops everything after.
+    """
+
+    def __init__(self, directory: str | Path, query_ids: Sequence[str] | None, keep: int = 0):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob("*part-*.parquet*"):
+            number = int(old.name.split("part-")[1][:5])
+            if number >= keep or old.name.startswith("."):
+                old.unlink()
+        self.next_part = keep
         self.names = [f"query:{q}" for q in query_ids] if query_ids else None
         self._pa, self._pq = pa, pq
         self.writer = None
+        self.tmp: Path | None = None
 
     def write(self, idx: Tensor, scores: Tensor) -> None:
         names = self.names or [f"query:{q}" for q in range(scores.shape[1])]
@@ -188,18 +254,18 @@ class _ParquetScores:
             cols[name] = self._pa.array(scores[:, q].float().numpy())
         table = self._pa.table(cols)
         if self.writer is None:
+            self.tmp = self.dir / f".part-{self.next_part:05d}.parquet.partial"
             self.writer = self._pq.ParquetWriter(str(self.tmp), table.schema)
         self.writer.write_table(table)
 
-    def close(self) -> None:
+    def flush(self) -> int:
+        """Close the open part into place; return the number of finished parts."""
         if self.writer is not None:
             self.writer.close()
-            self.tmp.replace(self.path)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.tmp.unlink(missing_ok=True)
+            self.tmp.replace(self.dir / f"part-{self.next_part:05d}.parquet")
+            self.writer = None
+            self.next_part += 1
+        return self.next_part
 
 
 def _histogram(sample: list[float], bins: int) -> dict[str, list]:
