@@ -1,0 +1,430 @@
+"""The evaluation suite: every estimator on one recipe, scored by LDS and more (METHOD.md §8).
+
+:func:`evaluate` fits each estimator on the recipe's trained model, scores every query
+against every training example, and reports per estimator
+
+* the LDS (Park et al. 2023) against models retrained on random subsets — retraining
+  goes through :func:`~datasleuth.evaluation.lds.run_lds_experiments` and its cache, so a
+  re-run with the same ``cache_dir`` retrains nothing;
+* the time to fit it and to compute the scores;
+* agreement with the exact damped-GGN influence (Pearson / Spearman per query, when
+  ``exact_ggn`` is among the estimators) and with the PBRF on a few training examples
+  (``pbrf_examples > 0``; Bae et al. 2022);
+* for recipes with corrupted labels, mislabel detection by self-influence against the
+  training-loss baseline (Koh & Liang 2017, §5.4);
+* the sparsity of the EK-FAC scores (power-law tail, top-1% share).
+
+Each estimator is one entry of :data:`ESTIMATORS`: a name and a function that builds a
+:class:`~datasleuth.scoring.Preconditioner`. Damping: ``damping=None`` keeps each
+curvature's default (0.1 × mean eigenvalue per layer) and gives the reference
+estimators (exact GGN, CG, LiSSA) the same per-layer damping as EK-FAC, so that they
+solve the same damped system; a number sets that absolute damping for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datasleuth.curvature import Curvature
+from datasleuth.errors import DatasleuthError
+from datasleuth.evaluation.lds import lds, run_lds_experiments
+from datasleuth.evaluation.metrics import compare_detectors, correlations
+from datasleuth.evaluation.recipes import Problem, Recipe, load_recipe
+from datasleuth.evaluation.sparsity import sparsity_report
+from datasleuth.fitting import FitConfig, fit_curvature, resolve_layers
+from datasleuth.hooks import TrackedLayer
+from datasleuth.scoring import Preconditioner, pairwise_scores, self_influence
+
+__all__ = [
+    "ESTIMATORS",
+    "DEFAULT_ESTIMATORS",
+    "EstimatorSpec",
+    "evaluate",
+    "parse_estimators",
+    "markdown_table",
+    "detection_table",
+]
+
+FORMAT = "datasleuth.evaluate.v1"
+
+
+@dataclass
+class _Context:
+    """What building an estimator needs; the EK-FAC reference is fitted once, on demand."""
+
+    problem: Problem
+    layers: list[TrackedLayer]
+    damping: float | None
+    _reference: Curvature | None = None
+
+    def reference(self) -> Curvature:
+        """The EK-FAC fit whose per-layer damping the reference estimators match."""
+        if self._reference is None:
+            self._reference = self.curvature("ekfac")
+        return self._reference
+
+    def curvature(self, kind: str) -> Curvature:
+        p = self.problem
+        return fit_curvature(p.model, p.task, p.loader("train"), self.layers,
+                             FitConfig(curvature=kind, damping=self.damping), progress=False)
+
+    def reference_damping(self) -> float | str:
+        return self.damping if self.damping is not None else "match"
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One estimator of the suite: ``make(context, options) -> Preconditioner``."""
+
+    name: str
+    description: str
+    make: Callable[[_Context, dict[str, Any]], Preconditioner]
+
+
+def _curvature_spec(kind: str, description: str) -> EstimatorSpec:
+    def make(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+        curvature = ctx.curvature(kind)
+        if kind == "ekfac" and ctx._reference is None:
+            ctx._reference = curvature
+        return curvature
+
+    return EstimatorSpec(kind, description, make)
+
+
+def _exact(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    from datasleuth.estimators import ExactInfluence
+
+    p = ctx.problem
+    return ExactInfluence.fit(p.model, p.task, p.loader("train"), ctx.layers,
+                              damping=ctx.reference_damping(), reference=ctx.reference(),
+                              **options)
+
+
+def _cg(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    from datasleuth.estimators import ConjugateGradient
+
+    p = ctx.problem
+    return ConjugateGradient(p.model, p.task, p.loader("train"), ctx.layers,
+                             damping=ctx.reference_damping(), reference=ctx.reference(),
+                             **options)
+
+
+def _lissa(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    from datasleuth.estimators import LiSSA
+
+    p = ctx.problem
+    return LiSSA(p.model, p.task, p.loader("train"), ctx.layers,
+                 damping=ctx.reference_damping(), reference=ctx.reference(), **options)
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {
+    spec.name: spec
+    for spec in (
+        _curvature_spec("identity", "gradient dot product (no curvature)"),
+        _curvature_spec("diagonal", "diagonal Fisher"),
+        _curvature_spec("kfac", "K-FAC"),
+        _curvature_spec("ekfac", "EK-FAC (Grosse et al. 2023)"),
+        EstimatorSpec("exact_ggn", "dense damped Gauss-Newton, Cholesky solve", _exact),
+        EstimatorSpec("cg", "conjugate gradient with GGN-vector products", _cg),
+        EstimatorSpec("lissa", "LiSSA recursion (Agarwal et al. 2017)", _lissa),
+    )
+}
+DEFAULT_ESTIMATORS: tuple[str, ...] = tuple(ESTIMATORS)
+
+
+def parse_estimators(names: str | Iterable[str]) -> list[str]:
+    """Validate estimator names (a list or a comma-separated string), keeping their order."""
+    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    items = [n for n in items if n]
+    unknown = [n for n in items if n not in ESTIMATORS]
+    if unknown or not items:
+        raise DatasleuthError(
+            f"unknown estimator(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose "
+            f"from {', '.join(ESTIMATORS)}"
+        )
+    return list(dict.fromkeys(items))
+
+
+def _finite_stats(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std())
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-ready copy: numpy to Python, non-finite floats to None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def _dampings(precond: Preconditioner, ctx: _Context) -> dict[str, float] | float | None:
+    if isinstance(precond, Curvature):
+        if precond.kind == "identity":
+            return None
+        return {name: lc.damping for name, lc in precond.layers.items()}
+    if ctx.damping is not None:
+        return ctx.damping
+    return {name: lc.damping for name, lc in ctx.reference().layers.items()}
+
+
+def _train_losses(problem: Problem) -> np.ndarray:
+    """Training loss of every example under the trained model: the detection baseline."""
+    model = problem.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = [problem.task.loss(model, b).reshape(-1).double().cpu()
+                      for b in problem.loader("train")]
+    finally:
+        model.train(was_training)
+    return torch.cat(losses).numpy()
+
+
+def _pbrf(problem: Problem, layers: list[TrackedLayer], damping: Any, n_examples: int,
+          seed: int, method: str) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    """PBRF responses (Q, n) for ``n_examples`` random training examples, and the
+    optimiser's warnings (kept in the results rather than printed)."""
+    from datasleuth.evaluation.ground_truth import pbrf_scores
+
+    rng = np.random.default_rng(seed)
+    n = problem.n_train
+    indices = np.sort(rng.choice(n, size=min(n_examples, n), replace=False))
+    collate = problem.collate or torch.utils.data.default_collate
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        truth = pbrf_scores(problem.model, problem.task, problem.loader("train"),
+                            problem.loader("queries"), indices.tolist(),
+                            example_fn=lambda i: collate([problem.train[i]]),
+                            damping=damping, layers=layers, method=method)
+    notes = sorted({str(w.message) for w in caught})
+    return indices, truth.double().cpu().numpy(), time.perf_counter() - start, notes
+
+
+def evaluate(
+    recipe: str | Recipe,
+    estimators: str | Sequence[str] = DEFAULT_ESTIMATORS,
+    *,
+    n_subsets: int = 32,
+    seeds_per_subset: int = 1,
+    fraction: float = 0.5,
+    cache_dir: str | Path | None = None,
+    damping: float | None = None,
+    pbrf_examples: int = 0,
+    pbrf_method: str = "lbfgs",
+    detection: bool = True,
+    seed: int = 0,
+    keep_scores: bool = False,
+    out: str | Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate influence estimators on ``recipe`` (a :class:`Recipe`, built-in name or file).
+
+    ``n_subsets`` random ``fraction``-subsets, each retrained ``seeds_per_subset`` times,
+    give the LDS (``n_subsets=0`` skips retraining and the LDS). ``cache_dir`` keeps the
+    retrained measurements (default: a temporary folder, i.e. no reuse).
+    ``pbrf_examples`` training examples get PBRF ground truth (0 = none). ``detection``
+    runs self-influence mislabel detection when the recipe marks corrupted examples.
+    ``keep_scores`` adds every estimator's (Q, N) scores under ``"scores"`` (large).
+    Returns a JSON-serialisable dict; with ``out`` it is also written atomically to
+    ``out/results.json``.
+    """
+    names = parse_estimators(estimators)
+    if n_subsets != 0 and n_subsets < 2:
+        raise DatasleuthError(f"n_subsets={n_subsets}: use 0 (no LDS) or at least 2; "
+                              "30-100 are typical")
+    if damping is not None and not damping > 0:
+        raise DatasleuthError(f"damping must be > 0, got {damping}; or leave it unset")
+    say = log or (lambda message: None)
+    recipe = load_recipe(recipe)
+    say(f"building recipe {recipe.name!r}")
+    problem = recipe.problem()
+    layers = resolve_layers(problem.model, problem.layers)
+    ctx = _Context(problem, layers, damping if damping is not None else problem.damping)
+
+    results: dict[str, dict[str, Any]] = {}
+    scores: dict[str, np.ndarray] = {}
+    preconditioners: dict[str, Preconditioner] = {}
+    for name in names:
+        say(f"estimator {name}: fitting and scoring")
+        options = dict(problem.estimator_options.get(name, {}))
+        start = time.perf_counter()
+        precond = ESTIMATORS[name].make(ctx, options)
+        fitted = time.perf_counter()
+        total = pairwise_scores(problem.model, problem.task, precond, problem.loader("queries"),
+                                problem.loader("train"), progress=False).total
+        done = time.perf_counter()
+        scores[name] = total.double().cpu().numpy()  # (Q, N)
+        preconditioners[name] = precond
+        results[name] = {
+            "description": ESTIMATORS[name].description,
+            "seconds": {"fit": fitted - start, "score": done - fitted, "total": done - start},
+            "damping": _dampings(precond, ctx),
+        }
+    n_queries = next(iter(scores.values())).shape[0]
+
+    retraining: dict[str, Any] | None = None
+    if n_subsets:
+        calls = [0]
+
+        def train(indices: np.ndarray, train_seed: int) -> Any:
+            calls[0] += 1
+            return recipe.train(indices, train_seed)
+
+        say(f"LDS: {n_subsets} subsets x {seeds_per_subset} seed(s) of retraining")
+        with tempfile.TemporaryDirectory() as scratch:
+            start = time.perf_counter()
+            subsets, outputs = run_lds_experiments(
+                train, recipe.measure, problem.n_train, n_subsets=n_subsets,
+                seeds_per_subset=seeds_per_subset, fraction=fraction,
+                cache_dir=cache_dir if cache_dir is not None else scratch, seed=seed,
+                fingerprint=recipe.fingerprint, progress=progress)
+            seconds = time.perf_counter() - start
+        if outputs.shape[-1] != n_queries:
+            raise DatasleuthError(
+                f"recipe {recipe.name!r}: measure() returned {outputs.shape[-1]} values but the "
+                f"task scored {n_queries} queries; measure the same queries in the same order"
+            )
+        models = n_subsets * seeds_per_subset
+        retraining = {"models": models, "trained": calls[0], "cached": models - calls[0],
+                      "seconds": seconds, "output_mean": float(outputs.mean())}
+        if seeds_per_subset > 1:
+            seed_var = outputs.var(axis=1, ddof=1).mean(0)  # (Q,) within-subset
+            subset_var = outputs.mean(axis=1).var(axis=0, ddof=1)  # (Q,) across subsets
+            retraining["seed_to_subset_variance"] = float(np.median(
+                seed_var / np.maximum(subset_var, 1e-300)))
+        for name in names:
+            result = lds(scores[name], subsets, outputs)
+            mean, std = _finite_stats(result.per_query)
+            results[name]["lds"] = {"mean": mean, "std": std,
+                                    "per_query": result.per_query.tolist()}
+
+    if "exact_ggn" in scores:
+        for name in names:
+            agreement = correlations(scores[name], scores["exact_ggn"])
+            results[name]["vs_exact"] = {k: agreement[k] for k in (
+                "mean_pearson", "mean_spearman", "pearson", "spearman")}
+
+    pbrf: dict[str, Any] | None = None
+    if pbrf_examples > 0:
+        from datasleuth.evaluation.ground_truth import compare
+
+        say(f"PBRF ground truth on {pbrf_examples} training examples ({pbrf_method})")
+        ref_damping = (ctx.damping if ctx.damping is not None
+                       else {n: lc.damping for n, lc in ctx.reference().layers.items()})
+        indices, truth, seconds, notes = _pbrf(problem, layers, ref_damping, pbrf_examples,
+                                               seed, pbrf_method)
+        pbrf = {"indices": indices.tolist(), "seconds": seconds, "method": pbrf_method,
+                "optimiser_warnings": notes}
+        for name in names:
+            agreement = compare(scores[name][:, indices], truth)
+            results[name]["vs_pbrf"] = {k: agreement[k] for k in (
+                "mean_pearson", "mean_spearman", "pearson_all", "spearman_all", "scale")}
+
+    detect: dict[str, Any] | None = None
+    if detection and problem.is_corrupt is not None:
+        say("mislabel detection: self-influence of every training example")
+        suspicion = {}
+        for name in names:
+            start = time.perf_counter()
+            suspicion[name] = self_influence(problem.model, problem.task, preconditioners[name],
+                                             problem.loader("train"), progress=False
+                                             ).total.double().cpu().numpy()
+            results[name]["seconds"]["self_influence"] = time.perf_counter() - start
+        suspicion["train_loss"] = _train_losses(problem)
+        detect = compare_detectors(suspicion, problem.is_corrupt)
+
+    sparsity = None
+    if "ekfac" in scores:
+        report = sparsity_report(scores["ekfac"])
+        per_query = report["per_query"]
+        alphas = [r["power_law"]["alpha"] for r in per_query if r.get("power_law")]
+        shares = [r["top_share"].get("0.01") for r in per_query]
+        sparsity = {
+            "median_alpha": float(np.median(alphas)) if alphas else math.nan,
+            "mean_top1_share": float(np.nanmean([s if s is not None else math.nan
+                                                 for s in shares])),
+            "per_query": per_query,
+        }
+
+    doc = _clean({
+        "format": FORMAT,
+        "recipe": {"name": recipe.name, "description": recipe.description,
+                   "fingerprint": recipe.fingerprint, "n_train": problem.n_train,
+                   "n_queries": n_queries, "layers": [la.name for la in layers]},
+        "config": {"estimators": names, "n_subsets": n_subsets,
+                   "seeds_per_subset": seeds_per_subset, "fraction": fraction,
+                   "damping": damping, "pbrf_examples": pbrf_examples, "seed": seed},
+        "estimators": results,
+        "retraining": retraining,
+        "pbrf": pbrf,
+        "detection": detect,
+        "sparsity": sparsity,
+        **({"scores": scores} if keep_scores else {}),
+    })
+    if out is not None:
+        from datasleuth.storage import write_json
+
+        write_json(Path(out) / "results.json", doc)
+    return doc
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(doc: Mapping[str, Any]) -> str:
+    """Estimator | LDS mean | ± std | seconds | Pearson vs exact (| vs PBRF), as Markdown."""
+    with_pbrf = doc.get("pbrf") is not None
+    head = ["estimator", "LDS mean", "± std", "seconds", "Pearson vs exact"]
+    head += ["Pearson vs PBRF"] if with_pbrf else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in doc["estimators"].items():
+        lds_part = r.get("lds") or {}
+        row = [name, _fmt(lds_part.get("mean")), _fmt(lds_part.get("std")),
+               _fmt(r["seconds"]["total"], 2),
+               _fmt((r.get("vs_exact") or {}).get("mean_pearson"))]
+        if with_pbrf:
+            row.append(_fmt((r.get("vs_pbrf") or {}).get("mean_pearson")))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def detection_table(doc: Mapping[str, Any]) -> str:
+    """Mislabel detection: AUC and share found after inspecting the top x%, as Markdown."""
+    det = doc.get("detection")
+    if not det:
+        return ""
+    fractions = det["fractions"]
+    head = ["score", "AUC"] + [f"found @ {f:.0%}" for f in fractions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, d in det["detectors"].items():
+        label = name if name == "train_loss" else f"self-influence ({name})"
+        lines.append("| " + " | ".join([label, _fmt(d["auc"])]
+                                       + [_fmt(v, 2) for v in d["found"]]) + " |")
+    lines.append("| " + " | ".join(["random", "0.500"] + [_fmt(v, 2) for v in det["random"]])
+                 + " |")
+    return "\n".join(lines)

@@ -1,0 +1,496 @@
+"""Query batching: many queries share one pass over the training data (METHOD.md §4).
+
+Grosse et al. 2023, §3.2.2. The preconditioned query gradient of a tracked layer,
+Ṽ = (G_ℓ + λ_ℓ I)⁻¹ ∇f (P×(M+1)), is kept as a truncated SVD Ṽ ≈ L R with
+L = U_k diag(σ_1..σ_k) (P×k) and R = V_kᵀ (k×(M+1)); k = 32 by default (Pearson 0.995
+against full rank on a 52B model in the paper). With the engine's sign convention (the
+captured Ds is the gradient of the loss L, see :mod:`datasleuth.scoring`), the score
+against a training sequence is then
+
+    score = −⟨Ṽ, Σ_t Ds_t ā_tᵀ⟩ ≈ −Σ_t (Ds_tᵀ L)(R ā_t)
+
+so the per-sequence gradient DW̄ (P×(M+1)) is never formed. A layer whose gradient is
+no larger than the rank, min(P, M+1) ≤ k, is kept exactly (full rank) and scored like
+:func:`datasleuth.scoring.scan_scores` does.
+
+Memory of Q queries (numbers; bytes = numbers × element size)::
+
+    low rank:  Q × [ Σ_{ℓ: min(P_ℓ, M_ℓ+1) > k} k (P_ℓ + M_ℓ + 1)
+                   + Σ_{ℓ: min(P_ℓ, M_ℓ+1) ≤ k} P_ℓ (M_ℓ + 1) ]
+    full rank: Q × Σ_ℓ P_ℓ (M_ℓ + 1)
+
+(:func:`memory_numbers`). For GPT-2 small's MLP (M = 768, P = 3072 and back) at k = 32
+that is 2 × 32 × 3841 ≈ 0.25 M numbers per block and query instead of 4.7 M (19×).
+
+Cost per training sequence of T tokens, per layer, in multiply-adds::
+
+    low rank:  T Q k (P + M + 2)          (two GEMMs and a product summed over t, k)
+    full rank: T P (M+1) + Q P (M+1)      (form DW̄ once, then one dot product per query)
+
+The low-rank path saves *memory*: hundreds of queries fit where a handful of full-rank
+ones would, so one pass over the corpus serves them all. It saves *time* over the
+full-rank scan only where T Q k (P + M) < (T + Q) P M, i.e. for wide layers and short
+sequences; :func:`scan_low_rank` does not pick the cheaper path by itself. Re-score the
+final top-N candidates with full-rank query gradients (:func:`rescore`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from datasleuth.errors import DatasleuthError
+from datasleuth.hooks import TrackedLayer, layers_by_name, per_example_gradients
+from datasleuth.progress import progress_bar
+from datasleuth.scoring import (
+    Preconditioner,
+    Scores,
+    _stream,
+    precondition_queries,
+    scan_scores,
+)
+from datasleuth.storage import load_tensors, save_tensors
+from datasleuth.task import Task
+from datasleuth.utils import compute_dtype
+
+__all__ = [
+    "DEFAULT_RANK",
+    "LowRankQueries",
+    "compress_queries",
+    "low_rank_scores",
+    "memory_numbers",
+    "rescore",
+    "scan_low_rank",
+    "subset_loader",
+    "top_candidates",
+]
+
+DEFAULT_RANK = 32
+FORMAT_NAME = "datasleuth.low_rank_queries"
+FORMAT_VERSION = 1
+_CHUNK_ELEMENTS = 1 << 24  # bound on (B·T) × (queries in a chunk) × k per scan intermediate
+
+
+def _is_small(shape: tuple[int, int], rank: int) -> bool:
+    """A layer kept at full rank: its gradient has rank ≤ k anyway (METHOD.md §4)."""
+    return min(shape) <= rank
+
+
+def memory_numbers(
+    shapes: Mapping[str, tuple[int, int]], n_queries: int, rank: int | None = DEFAULT_RANK
+) -> int:
+    """Numbers stored for ``n_queries`` preconditioned queries over layers of ``shapes``.
+
+    ``shapes`` maps layer names to gradient shapes (P, M+1). ``rank=None`` gives full
+    rank, Q × Σ_ℓ P_ℓ (M_ℓ + 1); otherwise Q × Σ_ℓ k (P_ℓ + M_ℓ + 1) over the low-rank
+    layers plus Q × P_ℓ (M_ℓ + 1) over the layers with min(P_ℓ, M_ℓ + 1) ≤ k (module
+    docstring; Grosse et al. 2023, §3.2.2).
+    """
+    total = 0
+    for p, m1 in shapes.values():
+        if rank is None or _is_small((p, m1), rank):
+            total += p * m1
+        else:
+            total += rank * (p + m1)
+    return n_queries * total
+
+
+def _truncated_svd(v: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Ṽ ≈ L R, best rank-k in Frobenius norm (Eckart-Young): (Q,P,M+1) -> (Q,P,k), (Q,k,M+1).
+
+    The singular values are folded into the left factor, L = U_k diag(σ_k).
+    """
+    u, s, vh = torch.linalg.svd(v, full_matrices=False)  # (Q,P,r), (Q,r), (Q,r,M+1)
+    left = u[..., :rank] * s[:, None, :rank]  # (Q, P, k)
+    return left.contiguous(), vh[:, :rank].contiguous()  # (Q, k, M+1)
+
+
+@dataclass
+class LowRankQueries:
+    """Preconditioned query gradients of Q queries, compressed per layer (METHOD.md §4).
+
+    Every name of ``layer_names`` is either in ``left`` and ``right`` (Ṽ ≈ left @ right,
+    ``left`` (Q, P, k), ``right`` (Q, k, M+1)) or in ``full`` ((Q, P, M+1), kept exactly).
+    ``rank`` is the k asked for; ``metadata`` says how the queries were made and is
+    saved with them.
+
+    Example:
+        >>> pre = {"fc": torch.randn(3, 40, 41, dtype=torch.float64)}
+        >>> lr = LowRankQueries.from_preconditioned(pre, rank=4)
+        >>> lr.left["fc"].shape, lr.right["fc"].shape
+        (torch.Size([3, 40, 4]), torch.Size([3, 4, 41]))
+    """
+
+    left: dict[str, Tensor]
+    right: dict[str, Tensor]
+    full: dict[str, Tensor]
+    rank: int
+    layer_names: list[str]
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise DatasleuthError(
+                f"rank must be a positive integer, got {self.rank!r}; use e.g. 32"
+            )
+        names = list(self.layer_names)
+        if not names:
+            raise DatasleuthError(
+                "LowRankQueries holds no layer; pass at least one layer's queries"
+            )
+        if set(self.left) != set(self.right):
+            raise DatasleuthError(
+                f"left and right factors cover different layers ({sorted(self.left)} vs "
+                f"{sorted(self.right)}); give both factors of every low-rank layer"
+            )
+        stored = list(self.left) + list(self.full)
+        if sorted(stored) != sorted(names) or len(set(stored)) != len(stored):
+            raise DatasleuthError(
+                f"layer_names {names} must list each layer of left/right {sorted(self.left)} "
+                f"and full {sorted(self.full)} exactly once; fix the layer lists"
+            )
+        counts = set()
+        for name in names:
+            if name in self.full:
+                v = self.full[name]
+                if v.dim() != 3:
+                    raise DatasleuthError(
+                        f"full queries of layer {name!r} must be (Q, P, M+1), got "
+                        f"{tuple(v.shape)}; stack one (P, M+1) gradient per query"
+                    )
+                counts.add(v.shape[0])
+                continue
+            left, right = self.left[name], self.right[name]
+            if (left.dim() != 3 or right.dim() != 3 or left.shape[0] != right.shape[0]
+                    or left.shape[2] != right.shape[1]):
+                raise DatasleuthError(
+                    f"factors of layer {name!r} must be left (Q, P, k) and right (Q, k, M+1), "
+                    f"got {tuple(left.shape)} and {tuple(right.shape)}; fix their shapes"
+                )
+            counts.add(left.shape[0])
+        if len(counts) != 1:
+            raise DatasleuthError(
+                f"layers hold different numbers of queries {sorted(counts)}; give every "
+                "layer the same queries"
+            )
+
+    @property
+    def n_queries(self) -> int:
+        """Q, the number of queries."""
+        name = self.layer_names[0]
+        return (self.full[name] if name in self.full else self.left[name]).shape[0]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Gradient shape (P, M+1) of every layer, in layer order."""
+        out = {}
+        for name in self.layer_names:
+            if name in self.full:
+                out[name] = tuple(self.full[name].shape[1:])
+            else:
+                out[name] = (self.left[name].shape[1], self.right[name].shape[2])
+        return out
+
+    @classmethod
+    def from_preconditioned(
+        cls,
+        preconditioned: Mapping[str, Tensor],
+        rank: int = DEFAULT_RANK,
+        metadata: dict | None = None,
+    ) -> LowRankQueries:
+        """Compress {name: Ṽ (Q, P, M+1)} by a truncated SVD per query and layer.
+
+        One batched ``torch.linalg.svd`` per layer, in the queries' own dtype. Layers with
+        min(P, M+1) ≤ ``rank`` are kept exactly (METHOD.md §4; Grosse et al. 2023, §3.2.2).
+        """
+        if not (isinstance(rank, int) and rank >= 1):
+            raise DatasleuthError(f"rank must be a positive integer, got {rank!r}; use e.g. 32")
+        left: dict[str, Tensor] = {}
+        right: dict[str, Tensor] = {}
+        full: dict[str, Tensor] = {}
+        for name, v in preconditioned.items():
+            if v.dim() != 3:
+                raise DatasleuthError(
+                    f"preconditioned queries of layer {name!r} must be (Q, P, M+1), got "
+                    f"{tuple(v.shape)}; pass the output of precondition_queries"
+                )
+            if _is_small(tuple(v.shape[1:]), rank):
+                full[name] = v.detach()
+            else:
+                left[name], right[name] = _truncated_svd(v.detach(), rank)
+        meta = dict(metadata or {})
+        return cls(left, right, full, rank, list(preconditioned), meta)
+
+    @classmethod
+    def cat(cls, parts: Sequence[LowRankQueries]) -> LowRankQueries:
+        """Concatenate query sets with the same layers and rank along the query axis."""
+        if not parts:
+            raise DatasleuthError("no query sets to concatenate; pass at least one")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.layer_names != first.layer_names or p.rank != first.rank or (
+                    sorted(p.full) != sorted(first.full)):
+                raise DatasleuthError(
+                    "query sets differ in layers or rank; compress them all with the same "
+                    "curvature and rank"
+                )
+
+        def join(attr: str) -> dict[str, Tensor]:
+            return {n: torch.cat([getattr(p, attr)[n] for p in parts])
+                    for n in getattr(first, attr)}
+
+        return cls(join("left"), join("right"), join("full"), first.rank,
+                   list(first.layer_names), dict(first.metadata))
+
+    def select(self, queries: Sequence[int] | Tensor) -> LowRankQueries:
+        """The queries at these positions, in this order."""
+        idx = torch.as_tensor(queries, dtype=torch.long)
+
+        def pick(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {n: t[idx.to(t.device)] for n, t in d.items()}
+
+        return LowRankQueries(pick(self.left), pick(self.right), pick(self.full), self.rank,
+                              list(self.layer_names), dict(self.metadata))
+
+    def dense(self) -> dict[str, Tensor]:
+        """The approximated Ṽ ≈ L R of every layer, {name: (Q, P, M+1)}; for checks only."""
+        return {
+            n: self.full[n] if n in self.full else self.left[n] @ self.right[n]
+            for n in self.layer_names
+        }
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the stored factors (= :func:`memory_numbers` × element size)."""
+        tensors = [*self.left.values(), *self.right.values(), *self.full.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str) -> LowRankQueries:
+        """A copy with every factor on ``device``."""
+
+        def move(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {n: t.to(device) for n, t in d.items()}
+
+        return LowRankQueries(move(self.left), move(self.right), move(self.full), self.rank,
+                              list(self.layer_names), dict(self.metadata))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write factors and metadata to one safetensors file, atomically."""
+        tensors: dict[str, Tensor] = {}
+        for name in self.layer_names:
+            if name in self.full:
+                tensors[f"{name}/full"] = self.full[name]
+            else:
+                tensors[f"{name}/left"] = self.left[name]
+                tensors[f"{name}/right"] = self.right[name]
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "rank": self.rank,
+            "layer_names": list(self.layer_names),
+            "full_rank_layers": sorted(self.full),
+            "metadata": self.metadata,
+        }
+        save_tensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LowRankQueries:
+        """Read what :meth:`save` wrote; refuse other files and format versions."""
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != FORMAT_NAME:
+            raise DatasleuthError(
+                f"{path} holds {meta.get('format', 'something else')!r}, not low-rank queries; "
+                "point to a file written by LowRankQueries.save"
+            )
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DatasleuthError(
+                f"{path} has format version {meta.get('format_version')}, this datasleuth reads "
+                f"{FORMAT_VERSION}; compress the queries again"
+            )
+        full_layers = set(meta["full_rank_layers"])
+        left, right, full = {}, {}, {}
+        try:
+            for name in meta["layer_names"]:
+                if name in full_layers:
+                    full[name] = tensors[f"{name}/full"]
+                else:
+                    left[name] = tensors[f"{name}/left"]
+                    right[name] = tensors[f"{name}/right"]
+        except KeyError as e:
+            raise DatasleuthError(
+                f"{path} lacks tensor {e}; the file is damaged, save the queries again"
+            ) from e
+        return cls(left, right, full, int(meta["rank"]), list(meta["layer_names"]),
+                   dict(meta["metadata"]))
+
+
+def compress_queries(
+    model: nn.Module,
+    task: Task,
+    curvature: Preconditioner,
+    queries: Iterable[Any],
+    rank: int = DEFAULT_RANK,
+    progress: bool = False,
+) -> LowRankQueries:
+    """Precondition and compress the queries batch by batch: only one batch is full rank.
+
+    Same queries as :func:`datasleuth.scoring.precondition_queries`, then
+    :meth:`LowRankQueries.from_preconditioned`; the metadata records the curvature kind
+    and, when it has one, its model fingerprint.
+    """
+    parts = []
+    for batch in progress_bar(queries, desc="compress queries", enabled=progress):
+        pre = precondition_queries(model, task, curvature, [batch], progress=False)
+        parts.append(LowRankQueries.from_preconditioned(pre, rank))
+    if not parts:
+        raise DatasleuthError("the query loader yielded no batches; give at least one query")
+    out = LowRankQueries.cat(parts)
+    out.metadata = {
+        "curvature": curvature.kind,
+        "fingerprint": getattr(curvature, "metadata", {}).get("fingerprint"),
+    }
+    return out
+
+
+class _LayerScorer:
+    """Scores one layer's captured (ā, Ds) against every query, without forming DW̄."""
+
+    def __init__(self, queries: LowRankQueries, name: str, dtype: torch.dtype,
+                 device: torch.device):
+        self.q = queries.n_queries
+        if name in queries.full:
+            self.full = queries.full[name].to(device, dtype).reshape(self.q, -1)  # (Q, P(M+1))
+            return
+        self.full = None
+        left, right = queries.left[name], queries.right[name]
+        self.k = left.shape[2]
+        # Columns ordered (query, k), so one GEMM serves all queries.
+        self.left = left.to(device, dtype).permute(1, 0, 2).reshape(left.shape[1], -1)  # (P,Qk)
+        self.right = right.to(device, dtype).permute(2, 0, 1).reshape(right.shape[2], -1)
+        # self.right: (M+1, Qk)
+
+    def __call__(self, a: Tensor, g: Tensor) -> Tensor:
+        """Scores (B, Q) from ā (B, T, M+1) and Ds (B, T, P), padding already zero."""
+        b, t, _ = a.shape
+        if self.full is not None:
+            # 2 B T P (M+1) FLOPs to form DW̄, then 2 B Q P (M+1) for the dot products.
+            dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of L
+            return -(dw.reshape(b, -1) @ self.full.t())  # (B, Q)
+        # 2 B T Q k (P + M + 1) FLOPs for the two GEMMs, B T Q k for the product-sum.
+        a2, g2 = a.reshape(b * t, -1), g.reshape(b * t, -1)  # (BT, M+1), (BT, P)
+        step = max(1, _CHUNK_ELEMENTS // max(1, b * t * self.k))
+        out = []
+        for q0 in range(0, self.q, step):
+            cols = slice(q0 * self.k, min(self.q, q0 + step) * self.k)
+            u = g2 @ self.left[:, cols]  # Ds_tᵀ L, (BT, Qc k)
+            w = a2 @ self.right[:, cols]  # R ā_t, (BT, Qc k)
+            out.append(u.mul_(w).reshape(b, t, -1, self.k).sum((1, 3)))  # (B, Qc)
+        return -torch.cat(out, dim=1)  # (B, Q)
+
+
+def scan_low_rank(
+    model: nn.Module,
+    task: Task,
+    queries: LowRankQueries,
+    train: Iterable[Any],
+    on_scores: Callable[[int, Tensor], None],
+    progress: bool = True,
+) -> None:
+    """Stream ``train`` once and call ``on_scores(first_index, scores (B, Q, L))`` per batch.
+
+    Like :func:`datasleuth.scoring.scan_scores`, but each low-rank layer is scored as
+    −Σ_t (Ds_tᵀ L)(R ā_t) from the captured activations and output gradients
+    (METHOD.md §4; Grosse et al. 2023, §3.2.2); layers kept at full rank take the
+    per-example gradient path. The layer axis follows ``queries.layer_names``.
+    """
+    layers = layers_by_name(model, queries.layer_names)
+    position = {layer.name: i for i, layer in enumerate(layers)}
+    device = next(model.parameters()).device
+    dtype = compute_dtype(model)
+    scorers = {n: _LayerScorer(queries, n, dtype, device) for n in queries.layer_names}
+    buffer: dict[int, Tensor] = {}
+    seen = [0]
+
+    def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        buffer[position[layer.name]] = scorers[layer.name](a, g)
+
+    def on_batch_end(n: int) -> None:
+        scores = torch.stack([buffer[i] for i in range(len(layers))], dim=-1)  # (B, Q, L)
+        buffer.clear()
+        on_scores(seen[0], scores)
+        seen[0] += n
+
+    _stream(model, task, train, layers, on_layer, on_batch_end, "loss", "scoring (low rank)",
+            progress)
+
+
+def low_rank_scores(
+    model: nn.Module,
+    task: Task,
+    queries: LowRankQueries,
+    train: Iterable[Any],
+    progress: bool = True,
+) -> Scores:
+    """All scores of :func:`scan_low_rank`: total (Q, N), per layer (Q, N, L)."""
+    parts: list[Tensor] = []
+    scan_low_rank(model, task, queries, train, lambda start, s: parts.append(s.cpu()), progress)
+    if not parts:
+        raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
+    per_layer = torch.cat(parts).permute(1, 0, 2).contiguous()  # (Q, N, L)
+    return Scores(per_layer.sum(-1), per_layer, list(queries.layer_names))
+
+
+def top_candidates(scores: Tensor, n: int) -> Tensor:
+    """Sorted union over queries of each query's ``n`` highest-scoring indices: (≤ Q n,).
+
+    ``scores`` is (Q, N) or (N,). These are the candidates to :func:`rescore`.
+    """
+    s = scores if scores.dim() == 2 else scores[None]
+    if n < 1:
+        raise DatasleuthError(f"n must be >= 1, got {n}; ask for at least one candidate")
+    n = min(n, s.shape[1])
+    order = torch.argsort(-s, dim=1, stable=True)[:, :n]  # (Q, n), ties to the lower index
+    return torch.unique(order)
+
+
+def subset_loader(
+    dataset: Dataset | Sequence[Any],
+    indices: Sequence[int] | Tensor,
+    collate: Callable[[list[Any]], Any] | None = None,
+    batch_size: int = 8,
+) -> DataLoader:
+    """A loader over ``dataset[i]`` for ``i`` in ``indices``, in that order (no shuffling)."""
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise DatasleuthError("no indices to load; pass at least one candidate index")
+    return DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False,  # type: ignore[arg-type]
+                      collate_fn=collate)
+
+
+def rescore(
+    model: nn.Module,
+    task: Task,
+    preconditioned_full: Mapping[str, Tensor],
+    train_subset_loader: Iterable[Any],
+    progress: bool = False,
+) -> Scores:
+    """Full-rank scores of the selected candidates: total (Q, n), per layer (Q, n, L).
+
+    The last step of query batching (METHOD.md §4): the candidates found with low-rank
+    queries (:func:`top_candidates`) are scored again with the full-rank Ṽ
+    ({name: (Q, P, M+1)}, e.g. from :func:`datasleuth.scoring.precondition_queries`,
+    for a chunk of queries at a time if memory is short). Columns follow the order of
+    ``train_subset_loader`` (e.g. :func:`subset_loader`).
+    """
+    parts: list[Tensor] = []
+    scan_scores(model, task, dict(preconditioned_full), train_subset_loader,
+                lambda start, s: parts.append(s.cpu()), progress)
+    if not parts:
+        raise DatasleuthError("the candidate loader yielded no batches; give at least one index")
+    per_layer = torch.cat(parts).permute(1, 0, 2).contiguous()  # (Q, n, L)
+    return Scores(per_layer.sum(-1), per_layer, list(preconditioned_full))
