@@ -182,3 +182,96 @@ def test_killed_scan_resumes_to_the_same_result(world, tmp_path):
     a = pd.read_parquet(tmp_path / "a").sort_values("sequence").reset_index(drop=True)
     b = pd.read_parquet(tmp_path / "b").sort_values("sequence").reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
+
+
+MORE_QUERIES = [
+    QUERY,
+    {"id": "r", "prompt": "Q: What did the teacher found?\nA:",
+     "completion": " The town's first public library."},
+    {"id": "s", "prompt": "Ingredients for lentil soup:", "completion": " red lentils, onion"},
+]
+
+
+def _three_queries(tmp_path):
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in MORE_QUERIES))
+    return path
+
+
+def _same_rows(a: dict, b: dict, which: str) -> None:
+    for qa, qb in zip(a["queries"], b["queries"], strict=True):
+        assert [r["index"] for r in qa[which]] == [r["index"] for r in qb[which]]
+        for ra, rb in zip(qa[which], qb[which]):
+            assert ra["score"] == pytest.approx(rb["score"], rel=1e-4, abs=1e-6)
+            assert ra["layer_scores"] == pytest.approx(rb["layer_scores"], rel=1e-4, abs=1e-6)
+            assert ra["token_scores"] == pytest.approx(rb["token_scores"], rel=1e-3, abs=1e-5)
+
+
+def test_query_batching_rescores_candidates_exactly(world, tmp_path):
+    model, tok, corpus, curv = _setup(world, tmp_path)
+    queries = _three_queries(tmp_path)
+    cfg = TraceConfig(top_k=4, bottom_k=2, batch_size=2)  # 3 queries -> 2 re-score chunks
+    full = run_trace(model, tok, corpus, curv, queries, tmp_path / "full", cfg, progress=False)
+    # Every sequence re-scored: identical to the full-rank scan, whatever the rank.
+    every = run_trace(model, tok, corpus, curv, queries, tmp_path / "every", cfg, rank=1,
+                      rescore=len(corpus), progress=False)
+    _same_rows(full, every, "top")
+    _same_rows(full, every, "bottom")
+    assert every["config"]["first_stage"] == {"kind": "low_rank", "rank": 1,
+                                              "rescored_per_query": len(corpus)}
+    assert every["config"]["rescored_full_rank"] is True
+    assert [q["n_scanned"] for q in every["queries"]] == [len(corpus)] * 3
+    # A few candidates: their scores are the exact full-rank scores of those sequences.
+    few = run_trace(model, tok, corpus, curv, queries, tmp_path / "few", cfg, rank=2,
+                    rescore=6, progress=False)
+    _, batches = query_batches(load_queries(queries), tok, 3)
+    loader = DataLoader(list(range(len(corpus))), batch_size=16, collate_fn=corpus.collate)
+    want = pairwise_scores(model, CausalLMTask(), curv, batches, loader, progress=False)
+    for q, doc in enumerate(few["queries"]):
+        for row in doc["top"] + doc["bottom"]:
+            assert row["score"] == pytest.approx(float(want.total[q, row["index"]]),
+                                                 rel=1e-4, abs=1e-6)
+    assert few["queries"][0]["top"][0]["index"] == full["queries"][0]["top"][0]["index"]
+
+
+def test_index_command_then_trace_with_index(world, tmp_path, capsys):
+    common = ["--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+              "--seq-len", "32", "--workdir", str(tmp_path / "w"), "--no-progress"]
+    index = tmp_path / "idx"
+    assert main(["index", *common, "--out", str(index), "--proj-dim", "8",
+                 "--shard-size", "40"]) == 0
+    err = capsys.readouterr().err
+    assert "bytes per sequence" in err
+    assert main(["index", *common, "--out", str(index), "--proj-dim", "8",
+                 "--shard-size", "40"]) == 0
+    assert "reusing the projected curvature" in capsys.readouterr().err
+    queries = _three_queries(tmp_path)
+    trace = ["trace", *common, "--queries", str(queries), "--top-k", "3", "--bottom-k", "2",
+             "--no-report"]
+    assert main([*trace, "--out", str(tmp_path / "plain")]) == 0
+    n = json.loads((tmp_path / "w" / "corpus" / "metadata.json").read_text())["num_sequences"]
+    assert main([*trace, "--out", str(tmp_path / "all"), "--index", str(index),
+                 "--rescore", str(n)]) == 0
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    every = json.loads((tmp_path / "all" / "results.json").read_text())
+    _same_rows(plain, every, "top")
+    _same_rows(plain, every, "bottom")
+    assert every["config"]["first_stage"]["kind"] == "index"
+    assert any("projected-gradient index" in w for w in every["warnings"])
+    # The planted document is found from a handful of index candidates.
+    assert main([*trace, "--out", str(tmp_path / "few"), "--index", str(index),
+                 "--rescore", "5"]) == 0
+    few = json.loads((tmp_path / "few" / "results.json").read_text())
+    docs = {d["doc_index"] for d in few["queries"][0]["top"][0]["documents"]}
+    assert world["planted_doc"] in docs
+    capsys.readouterr()
+    # An index of another packing is refused in one line.
+    other = ["trace", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+             "--seq-len", "48", "--workdir", str(tmp_path / "w48"), "--no-progress",
+             "--queries", str(queries), "--out", str(tmp_path / "bad"), "--index", str(index)]
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "different corpus" in err[-1]
+    assert not any("fitted" in line for line in err)  # refused before any fitting
+    assert main([*trace, "--out", str(tmp_path / "bad"), "--approximate"]) == 2
+    assert "--index" in _error_line(capsys)

@@ -79,7 +79,10 @@ def cli() -> None:
     datasleuth demo                      offline demo: planted documents found again
     datasleuth fit   --model M --corpus C            fit EK-FAC factors
     datasleuth trace --model M --corpus C --queries Q   top-k training sequences + report
+    datasleuth index --model M --corpus C            projected-gradient index
+    datasleuth trace ... --index DIR                 candidates from the index, re-scored
     datasleuth report results.json                   re-render the HTML report
+    datasleuth evaluate --recipe digits              LDS and agreement of the estimators
     """
     _quiet_libraries()
 
@@ -185,27 +188,48 @@ def fit(model_path, layers, attention, device, dtype, trust_remote_code, corpus_
 @click.option("--all-scores", is_flag=True,
               help="Also write every score to OUT/scores/ (Parquet parts).")
 @click.option("--no-report", is_flag=True, help="Skip writing report.html.")
+@click.option("--rank", type=click.IntRange(1), default=None,
+              help="Query batching: scan with rank-K query gradients (32 is typical), then "
+                   "re-score each query's best candidates at full rank.")
+@click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
+              help="Take candidates from a projected-gradient index (`datasleuth index`) "
+                   "instead of scanning the corpus; they are re-scored with full EK-FAC.")
+@click.option("--approximate", is_flag=True,
+              help="With --index: search with FAISS (HNSW) instead of exactly.")
+@click.option("--rescore", default=100, show_default=True, type=click.IntRange(1),
+              help="With --rank or --index: candidates per query re-scored at full rank "
+                   "(at least --top-k).")
 @progress_option
 def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpus_path,
           workdir, seq_len, text_field, batch_size, curvature, damping, fisher, blocks,
           max_sequences, queries_path, out_dir, top_k, bottom_k, filter_kind, candidates,
-          all_scores, no_report, progress):
+          all_scores, no_report, rank, index_dir, approximate, rescore, progress):
     """Find the training sequences that made each query's completion more (or less) likely."""
     from datasleuth.lm.pipeline import fit_factors, run_trace, say
     from datasleuth.lm.queries import load_queries
     from datasleuth.lm.trace import TraceConfig
 
     load_queries(queries_path)  # fail fast on a bad query file, before any heavy work
+    if index_dir is not None and (rank is not None or filter_kind != "none"):
+        raise DatasleuthError("--index finds candidates by itself; drop --rank and --filter")
+    if approximate and index_dir is None:
+        raise DatasleuthError("--approximate only applies to --index DIR; add --index")
     model, tokenizer, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
                                                trust_remote_code, corpus_path, workdir,
                                                seq_len, text_field, progress)
+    if index_dir is not None:
+        from datasleuth.lm.pipeline import open_corpus_index
+
+        open_corpus_index(index_dir, model, corpus)  # refuse a mismatch before fitting
     cfg = _fit_config(curvature, damping, fisher, blocks)
     curv = fit_factors(model, tracked, corpus, workdir, cfg, batch_size, max_sequences, progress)
     tcfg = TraceConfig(top_k=top_k, bottom_k=bottom_k, batch_size=batch_size)
     results = run_trace(model, tokenizer, corpus, curv, queries_path, out_dir, tcfg,
                         model_name=str(model_path), corpus_name=", ".join(corpus_path),
                         candidates_k=candidates if filter_kind == "bm25" else None,
-                        workdir=workdir, all_scores=all_scores, progress=progress)
+                        workdir=workdir, all_scores=all_scores, rank=rank,
+                        index=index_dir, rescore=rescore, approximate=approximate,
+                        progress=progress)
     _print_summary(results)
     if not no_report:
         from datasleuth.report import render_report
@@ -213,6 +237,51 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
         path = render_report(results, Path(out_dir) / "report.html")
         say(f"report: {path}")
     say(f"results: {Path(out_dir) / 'results.json'}")
+
+
+@cli.command("index")
+@config_option
+@_model_options
+@_corpus_options
+@click.option("--out", "out_dir", default="datasleuth-index", show_default=True,
+              type=click.Path(file_okay=False), help="Folder of the index (resumable).")
+@click.option("--proj-dim", default=16, show_default=True, type=click.IntRange(1),
+              help="Projected size of each side of every layer (k_in = k_out); a sequence "
+                   "costs layers x proj-dim^2 numbers.")
+@click.option("--index-dtype", default="float16", show_default=True,
+              type=click.Choice(["float16", "float32"]), help="Storage type of the rows.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random projections.")
+@click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1),
+              help="Sequences per shard file (the unit of resuming).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--fisher", default="sampled", show_default=True,
+              type=click.Choice(["sampled", "empirical"]))
+@click.option("--max-sequences", type=click.IntRange(1), default=None,
+              help="Fit the projected curvature on at most this many sequences.")
+@progress_option
+def index_command(model_path, layers, attention, device, dtype, trust_remote_code, corpus_path,
+                  workdir, seq_len, text_field, out_dir, proj_dim, index_dtype, seed,
+                  shard_size, batch_size, fisher, max_sequences, progress):
+    """Build a projected-gradient index of the corpus for fast `trace --index` queries."""
+    from datasleuth.lm.pipeline import build_corpus_index
+    from datasleuth.scale.index import IndexConfig
+
+    model, _, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
+                                       trust_remote_code, corpus_path, workdir, seq_len,
+                                       text_field, progress)
+    cfg = IndexConfig(k_in=proj_dim, k_out=proj_dim, seed=seed, dtype=index_dtype,
+                      shard_size=shard_size)
+    build_corpus_index(model, tracked, corpus, out_dir, cfg, batch_size=batch_size,
+                       fisher=fisher, max_sequences=max_sequences, progress=progress)
+
+
+def _register_evaluate() -> None:
+    from datasleuth.cli_evaluate import evaluate
+
+    cli.add_command(evaluate)
+
+
+_register_evaluate()
 
 
 def _print_summary(results: dict[str, Any], width: int = 70) -> None:

@@ -5,6 +5,7 @@ A work directory holds what each step produces::
     WORKDIR/corpus/                    packed training sequences (lm.corpus)
     WORKDIR/factors-<kind>.safetensors fitted curvature, metadata names model/corpus/config
     WORKDIR/bm25/                      the candidate filter's index (if used)
+    INDEX/                             a projected-gradient index (`datasleuth index`)
     OUT/results.json, OUT/report.html  what `trace` found
 
 A step whose artifact exists and whose metadata still matches (same model fingerprint,
@@ -17,9 +18,9 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,14 +38,23 @@ from datasleuth.lm.trace import TraceConfig, scan_corpus, trace_details
 from datasleuth.scoring import precondition_queries
 from datasleuth.storage import load_curvature, read_json, write_json
 
+if TYPE_CHECKING:
+    from datasleuth.scale.index import GradientIndex, IndexConfig
+
 __all__ = [
     "prepare_corpus",
     "fit_factors",
     "query_batches",
     "bm25_candidates",
+    "build_corpus_index",
+    "open_corpus_index",
     "run_trace",
     "say",
 ]
+
+DEFAULT_RESCORE = 100
+_INDEX_CORPUS = "corpus.json"
+_STORAGE = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 def say(message: str) -> None:
@@ -145,6 +155,131 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def build_corpus_index(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    corpus: PackedCorpus,
+    directory: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    batch_size: int = 8,
+    fisher: str = "sampled",
+    max_sequences: int | None = None,
+    progress: bool = True,
+) -> GradientIndex:
+    """Index every packed sequence's projected gradient and fit the projected curvature.
+
+    METHOD.md §7 (Choe et al. 2024). A killed build resumes at its first unfinished
+    shard; a finished index of the same model, layers, projection and corpus is reused.
+    """
+    from datasleuth.scale.index import IndexConfig, build_index, fit_projected_curvature
+
+    directory = Path(directory)
+    side = directory / _INDEX_CORPUS
+    if side.is_file():
+        if read_json(side).get("corpus_fingerprint") != corpus.fingerprint:
+            raise DatasleuthError(f"{directory} indexes a different corpus or packing; pass a "
+                                  f"new --out folder or delete {directory}")
+    elif directory.is_dir() and any(directory.iterdir()):
+        raise DatasleuthError(f"{directory} is not empty and holds no datasleuth index; pass a "
+                              "new or empty --out folder")
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(side, {"corpus_fingerprint": corpus.fingerprint, "sequences": len(corpus)})
+    task = CausalLMTask()
+    index = build_index(model, task, corpus.as_torch_dataset(), layers, directory,
+                        config or IndexConfig(), batch_size=batch_size,
+                        collate_fn=corpus.collate, progress=progress)
+    n_fit = len(corpus) if max_sequences is None else min(max_sequences, len(corpus))
+    meta = index.curvature.metadata if index.curvature is not None else {}
+    if meta.get("fisher") == fisher and meta.get("sequences") == n_fit:
+        say(f"reusing the projected curvature of {directory}")
+    else:
+        fit_projected_curvature(model, task, _corpus_loader(corpus, batch_size, max_sequences),
+                                index, fisher=fisher, progress=progress)
+    size = index.dim * torch.empty(0, dtype=_STORAGE[index.config.dtype]).element_size()
+    say(f"index {directory}: {index.rows} sequences x {index.dim} numbers "
+        f"({size} bytes per sequence, {len(index.layer_names)} layers)")
+    return index
+
+
+def open_corpus_index(directory: str | Path, model: nn.Module, corpus: PackedCorpus
+                      ) -> GradientIndex:
+    """Open an index made by :func:`build_corpus_index`; refuse another model or corpus."""
+    from datasleuth.scale.index import GradientIndex
+
+    directory = Path(directory)
+    side = directory / _INDEX_CORPUS
+    if not side.is_file():
+        raise DatasleuthError(f"{directory} holds no datasleuth index; build one with "
+                              "`datasleuth index --out DIR`")
+    index = GradientIndex.open(directory, model)
+    if read_json(side).get("corpus_fingerprint") != corpus.fingerprint or \
+            index.rows != len(corpus):
+        raise DatasleuthError(f"{directory} indexes a different corpus or packing than "
+                              f"--corpus/--seq-len ({index.rows} rows, corpus has {len(corpus)}); "
+                              "rebuild it with `datasleuth index`")
+    if index.curvature is None:
+        raise DatasleuthError(f"{directory} has no projected curvature (its build was "
+                              "interrupted); re-run `datasleuth index` to finish it")
+    return index
+
+
+def _index_candidates(
+    index: GradientIndex, model: nn.Module, batches: list[dict[str, torch.Tensor]], n: int,
+    bottom: bool, approximate: bool, sample: int,
+) -> tuple[list[np.ndarray], list[list[float]], list[int]]:
+    """Per query, the rows of the ``n`` highest (and lowest) index scores; a score sample."""
+    q = index.precondition_queries(model, CausalLMTask(), batches)  # (Q, D)
+    top, _ = index.search(q, k=n, exact=not approximate)
+    lists = [top[j].numpy() for j in range(q.shape[0])]
+    if bottom:
+        low, _ = index.search(-q, k=n, exact=not approximate)
+        lists = [np.union1d(a, low[j].numpy()) for j, a in enumerate(lists)]
+    stride = max(1, index.rows // sample)
+    samples: list[list[float]] = [[] for _ in range(q.shape[0])]
+    for start, rows in index.iter_shards(q.dtype):
+        part = q @ rows[(-start) % stride :: stride].t()  # (Q, n_sampled)
+        for j in range(q.shape[0]):
+            samples[j].extend(part[j].tolist())
+    return lists, samples, [index.rows] * q.shape[0]
+
+
+def _rescore_by_chunks(
+    model: nn.Module, curvature: Curvature, corpus: PackedCorpus,
+    batches: list[dict[str, torch.Tensor]], candidates: list[np.ndarray],
+    rows: list[dict[str, Any]], config: TraceConfig, header: dict[str, Any],
+    samples: list[list[float]], scanned: list[int], progress: bool,
+) -> dict[str, Any]:
+    """Full-rank EK-FAC scores of each query's candidates, one query batch at a time.
+
+    The last step of query batching (METHOD.md §4): only one batch of full-rank
+    preconditioned query gradients is held at once. Histogram and counts come from the
+    first stage, which saw every sequence.
+    """
+    from datasleuth.progress import progress_bar
+
+    doc: dict[str, Any] | None = None
+    first = 0
+    for batch in progress_bar(batches, desc="re-score (full rank)", enabled=progress,
+                              unit="query batch"):
+        nq = int(batch["input_ids"].shape[0])
+        pre = precondition_queries(model, CausalLMTask(), curvature, [batch])
+        part = slice(first, first + nq)
+        scan = scan_corpus(model, pre, corpus, config, candidates=candidates[part],
+                           progress=False)
+        scan.samples, scan.scanned = samples[part], scanned[part]
+        chunk = trace_details(model, pre, corpus, scan, rows[part], config, header,
+                              rescored=True)
+        if doc is None:
+            doc = chunk
+        else:
+            doc["queries"].extend(chunk["queries"])
+        first += nq
+    assert doc is not None
+    return doc
+
+
 def run_trace(
     model: nn.Module,
     tokenizer: Any,
@@ -159,19 +294,45 @@ def run_trace(
     candidates_k: int | None = None,
     workdir: str | Path | None = None,
     all_scores: bool = False,
+    rank: int | None = None,
+    index: str | Path | None = None,
+    rescore: int = DEFAULT_RESCORE,
+    approximate: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Trace every query through the corpus; write results.json (reused if inputs match).
 
-    A killed scan resumes from its last checkpoint when re-run with the same inputs.
+    Three ways to find each query's candidates, all ending in exact scores:
+
+    * default: every sequence scored with full-rank preconditioned query gradients;
+    * ``rank=k``: query batching (METHOD.md §4) -- one pass with rank-k query gradients,
+      then each query's ``rescore`` best and worst sequences scored again at full rank;
+    * ``index=DIR``: search a projected-gradient index (METHOD.md §7) for ``rescore``
+      candidates per query (exact, or FAISS with ``approximate``), then score those
+      with full EK-FAC.
+
+    ``candidates_k`` restricts the scan (or the low-rank pass) to the BM25 top-k per
+    query (METHOD.md §5). A killed full or low-rank scan resumes from its checkpoint
+    when re-run with the same inputs.
     """
+    if index is not None and (rank is not None or candidates_k is not None):
+        raise DatasleuthError("--index finds candidates by itself; drop --rank and --filter")
+    if rank is not None and rank < 1:
+        raise DatasleuthError(f"rank must be >= 1, got {rank}")
+    if rescore < 1:
+        raise DatasleuthError(f"rescore must be >= 1, got {rescore}")
+    rescore = max(rescore, config.top_k, config.bottom_k)
     out = Path(out_dir)
     queries = load_queries(queries_path)
+    staged = rank is not None or index is not None
+    index_obj = open_corpus_index(index, model, corpus) if index is not None else None
     key = _digest({
         "queries": [asdict(q) for q in queries], "corpus": corpus.fingerprint,
         "factors": curvature.metadata.get("fingerprint"), "config": asdict(config),
         "curvature": curvature.metadata.get("config"), "candidates_k": candidates_k,
-        "all_scores": all_scores,
+        "all_scores": all_scores, "rank": rank, "rescore": rescore if staged else None,
+        "index": index_obj.manifest if index_obj is not None else None,
+        "approximate": approximate,
     })
     results_path = out / "results.json"
     if results_path.is_file():
@@ -192,20 +353,55 @@ def run_trace(
         candidates = bm25_candidates(corpus, encoded, workdir or out, candidates_k, ignore)
         warnings.append(f"{FILTER_WARNING} (top {candidates_k} per query)")
         say(f"warning: {warnings[-1]}")
-    pre = precondition_queries(model, CausalLMTask(), curvature, batches)
-    scan = scan_corpus(model, pre, corpus, config, candidates=candidates,
-                       scores_dir=out / "scores" if all_scores else None,
-                       query_ids=[q.id for q in queries], progress=progress,
-                       checkpoint=out / ".scan-checkpoint.safetensors", run_key=key)
-    if scan.stats["resumed_at"]:
-        say(f"resumed the scan after {scan.stats['resumed_at']} sequences")
     rows = [{"id": q.id, "prompt": q.prompt, "completion": q.completion,
              "completion_tokens": e.get("completion_tokens", [])}
             for q, e in zip(queries, encoded)]
     header = {"model": model_name, "corpus": corpus_name, "input_digest": key}
-    results = trace_details(model, pre, corpus, scan, rows, config, header)
+    scores_dir = out / "scores" if all_scores else None
+    checkpoint = out / ".scan-checkpoint.safetensors"
+    stage: dict[str, Any] = {"kind": "full"}
+    if not staged:
+        pre = precondition_queries(model, CausalLMTask(), curvature, batches)
+        scan = scan_corpus(model, pre, corpus, config, candidates=candidates,
+                           scores_dir=scores_dir, query_ids=[q.id for q in queries],
+                           progress=progress, checkpoint=checkpoint, run_key=key)
+        if scan.stats["resumed_at"]:
+            say(f"resumed the scan after {scan.stats['resumed_at']} sequences")
+        results = trace_details(model, pre, corpus, scan, rows, config, header)
+    else:
+        if index_obj is not None:
+            if all_scores:
+                raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
+            lists, samples, scanned = _index_candidates(
+                index_obj, model, batches, rescore, config.bottom_k > 0, approximate,
+                config.histogram_sample)
+            stage = {"kind": "index", "index": str(index), "approximate": approximate,
+                     "rescored_per_query": rescore}
+            say(f"index search: {rescore} candidates per query from {index_obj.rows} sequences")
+            warnings.append(f"candidates from the projected-gradient index {index} "
+                            f"({rescore} per query); scores re-computed with full "
+                            f"{curvature.kind}; the histogram shows projected index scores")
+        else:
+            from datasleuth.scale.batching import compress_queries, scan_low_rank
+
+            low = compress_queries(model, CausalLMTask(), curvature, batches, rank)
+            wide = replace(config, top_k=rescore, bottom_k=rescore if config.bottom_k else 0)
+            scan = scan_corpus(
+                model, None, corpus, wide, candidates=candidates, scores_dir=scores_dir,
+                query_ids=[q.id for q in queries], progress=progress, checkpoint=checkpoint,
+                run_key=key, shape=(len(queries), len(low.layer_names)),
+                scanner=lambda m, t, loader, on_scores, p: scan_low_rank(
+                    m, t, low, loader, on_scores, p))
+            lists = [np.union1d(np.array([i for i, _, _ in scan.top.results(q)], np.int64),
+                                np.array([i for i, _, _ in scan.bottom.results(q)], np.int64))
+                     for q in range(len(queries))]
+            samples, scanned = scan.samples, scan.scanned
+            stage = {"kind": "low_rank", "rank": rank, "rescored_per_query": rescore}
+        results = _rescore_by_chunks(model, curvature, corpus, batches, lists, rows, config,
+                                     header, samples, scanned, progress)
     results["warnings"] = warnings
     results["config"].update(curvature=curvature.metadata.get("config"),
-                             candidates_k=candidates_k, layers=curvature.layer_names)
+                             candidates_k=candidates_k, layers=curvature.layer_names,
+                             first_stage=stage)
     write_json(results_path, results)
     return results

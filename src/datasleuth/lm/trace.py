@@ -107,7 +107,7 @@ def _subset_loader(corpus: PackedCorpus, indices: Sequence[int], batch_size: int
 
 def scan_corpus(
     model: nn.Module,
-    preconditioned: dict[str, Tensor],
+    preconditioned: dict[str, Tensor] | None,
     corpus: PackedCorpus,
     config: TraceConfig,
     candidates: list[np.ndarray] | None = None,
@@ -118,17 +118,24 @@ def scan_corpus(
     checkpoint: str | Path | None = None,
     checkpoint_seconds: float = 60.0,
     run_key: str = "",
+    shape: tuple[int, int] | None = None,
 ) -> ScanResult:
     """Score the corpus (or the union of per-query ``candidates``) against all queries.
 
     ``scanner(model, task, train_loader, on_scores, progress)`` replaces the full-rank
-    scan (query batching plugs in here). ``scores_dir`` streams every score to Parquet
+    scan (query batching plugs in here; give ``shape=(queries, layers)`` and
+    ``preconditioned=None`` then). ``scores_dir`` streams every score to Parquet
     part files. With ``checkpoint``, the running state is saved every
     ``checkpoint_seconds``; a re-run with the same ``run_key`` resumes after the last
     saved batch instead of starting over.
     """
-    n_queries = next(iter(preconditioned.values())).shape[0]
-    n_layers = len(preconditioned)
+    if shape is not None:
+        n_queries, n_layers = shape
+    elif preconditioned:
+        n_queries = next(iter(preconditioned.values())).shape[0]
+        n_layers = len(preconditioned)
+    else:
+        raise DatasleuthError("scan_corpus needs preconditioned queries or shape=(Q, L)")
     if candidates is not None:
         union = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates]))
         member = torch.zeros(n_queries, len(corpus), dtype=torch.bool)
@@ -163,6 +170,8 @@ def scan_corpus(
             last_save[0] = time.monotonic()
 
     if scanner is None:
+        if preconditioned is None:
+            raise DatasleuthError("scan_corpus needs preconditioned queries or a scanner")
         scan_scores(model, task, preconditioned, loader, on_scores, progress=progress)
     else:
         scanner(model, task, loader, on_scores, progress)
