@@ -14,7 +14,7 @@ plots in ``docs/img/``:
 
 Retrained measurements are cached in ``--cache-dir``; a re-run retrains nothing.
 torch runs on one thread: for these tiny models more threads only add contention.
-Needs matplotlib for the plots.
+Needs matplotlib for the plots (`pip install -e ".[bench]"`).
 """
 
 from __future__ import annotations

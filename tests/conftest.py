@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("DATASLEUTH_PROGRESS", "0")
 torch.set_default_dtype(torch.float32)
+# Tiny models gain nothing from threads; on a shared 2-core machine they only contend.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ front end and ``datasleuth`` the command line tool.
 
 from datasleuth.curvature import Curvature, LayerCurvature
 from datasleuth.errors import DatasleuthError
+from datasleuth.estimators import ConjugateGradient, ExactInfluence, LiSSA
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.hooks import TrackedLayer, find_layers
 from datasleuth.scoring import (
@@ -26,10 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassificationTask",
+    "ConjugateGradient",
     "Curvature",
     "DatasleuthError",
+    "ExactInfluence",
     "FitConfig",
     "LayerCurvature",
+    "LiSSA",
     "Preconditioner",
     "RegressionTask",
     "Scores",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datasleuth.evaluation.ground_truth import PBRF, leave_one_out, pbrf_scores
 from datasleuth.evaluation.lds import LDSResult, lds, make_subsets, run_lds_experiments, subset_hash
 from datasleuth.evaluation.metrics import (
     compare_detectors,
@@ -16,6 +17,7 @@ from datasleuth.evaluation.metrics import (
 from datasleuth.evaluation.sparsity import PowerLawFit, fit_power_law, sparsity_report, top_share
 
 __all__ = [
+    "PBRF",
     "LDSResult",
     "PowerLawFit",
     "compare_detectors",
@@ -24,7 +26,9 @@ __all__ = [
     "detection_curve",
     "fit_power_law",
     "lds",
+    "leave_one_out",
     "make_subsets",
+    "pbrf_scores",
     "pearson",
     "recall_at_k",
     "run_lds_experiments",
