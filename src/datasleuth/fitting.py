@@ -102,6 +102,14 @@ class _Stats:
         self.tokens = 0  # unmasked tokens seen by the factor pass
         self.sequences = 0  # sequences seen by the eigenvalue pass (or factor pass for K-FAC)
 
+    def on(self, device: torch.device) -> _Stats:
+        """Keep the sums where the activations are (the model's device), in float64."""
+        if self.lam.device != device:
+            self.a_cov = [c.to(device) for c in self.a_cov]
+            self.s_cov = [c.to(device) for c in self.s_cov]
+            self.lam = self.lam.to(device)
+        return self
+
 
 class _Batch:
     """The current batch's mask, shared with the per-layer callbacks."""
@@ -188,7 +196,14 @@ def fit_curvature(
             damping = config.damping if config.damping is not None else (
                 config.damping_scale * mean if mean > 0 else config.damping_scale
             )
-        layers_out[layer.name] = LayerCurvature(lam, float(damping), q_out, q_in, lam_s, lam_a)
+        cpu = torch.device("cpu")  # fitted artifacts live on the CPU; scoring moves them
+        layers_out[layer.name] = LayerCurvature(
+            lam.to(cpu), float(damping),
+            q_out.to(cpu) if q_out is not None else None,
+            q_in.to(cpu) if q_in is not None else None,
+            lam_s.to(cpu) if lam_s is not None else None,
+            lam_a.to(cpu) if lam_a is not None else None,
+        )
     some = next(iter(stats.values()))
     metadata = {
         "config": asdict(config),
@@ -211,7 +226,7 @@ def _covariance_fn(stats: dict[str, _Stats], current: _Batch):
     """Accumulate A and S (their diagonal blocks) over unmasked tokens."""
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
-        s = stats[layer.name]
+        s = stats[layer.name].on(a.device)
         a2 = a.reshape(-1, a.shape[-1])  # (B*T, M+1); padded rows are zero
         g2 = g.reshape(-1, g.shape[-1])  # (B*T, P)
         for i, (lo, hi) in enumerate(s.in_bounds):
@@ -248,7 +263,7 @@ def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
     counted: dict[str, int] = {}
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
-        s = stats[layer.name]
+        s = stats[layer.name].on(a.device)
         q_out, q_in, _, _ = bases[layer.name]
         if q_in is not None:
             a = q_in.to_basis(a, -1)  # ā' = Q_Aᵀ ā per token, (B, T, M+1)
