@@ -9,7 +9,8 @@ the corpus (``loss.backward()`` into every weight):
 * the plain full-rank scan (:func:`datasleuth.scan_scores`) with 1 and 16 queries
   (``--full-queries``);
 * query batching (:func:`datasleuth.scale.scan_low_rank`, rank ``--rank``) with 1, 16
-  and 256 queries;
+  and 256 queries (cheaper exact path per layer), and with 256 queries on the token
+  path of Grosse et al. alone;
 * the index: build (one-off), exact and FAISS HNSW search of every query.
 
 Agreement with full EK-FAC over the 16 queries (Pearson r per query, averaged, and
@@ -192,16 +193,17 @@ def main() -> None:
                                    lambda s, x: out.append(x.sum(-1).cpu()) if out is not None
                                    else None, progress=False)
 
-    def low_scan(n: int, out: list | None = None) -> Callable[[], None]:
+    def low_scan(n: int, out: list | None = None, path: str = "auto") -> Callable[[], None]:
         return lambda: scan_low_rank(model, task, low[n], batches,
                                      lambda s, x: out.append(x.sum(-1).cpu()) if out is not None
-                                     else None, progress=False)
+                                     else None, progress=False, path=path)
 
     configs: dict[str, Callable[[], None]] = {"forward+backward (floor)": floor}
     for n in full_counts:
         configs[f"full-rank scan, {n} quer{'y' if n == 1 else 'ies'}"] = full_scan(n)
     for n in (1, 16, 256):
         configs[f"rank-{args.rank} scan, {n} quer{'y' if n == 1 else 'ies'}"] = low_scan(n)
+    configs[f"rank-{args.rank} scan, 256 queries, token path only"] = low_scan(256, path="tokens")
 
     _phase("building the index")
     tmp = tempfile.TemporaryDirectory()

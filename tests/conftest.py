@@ -39,7 +39,8 @@ def tiny_gpt2(vocab: int = 11, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=8, n_layer=2, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                     eos_token_id=None)
     return GPT2LMHeadModel(cfg).double().eval()
 
 

@@ -246,3 +246,19 @@ def test_randomized_svd_of_a_large_layer_is_near_optimal():
     # The same query always compresses to the same factors.
     again = _truncated_svd(v, 32)
     assert torch.equal(again[0], left) and torch.equal(again[1], right)
+
+
+def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup):
+    model, task, _, seqs, _, pre, ref = lm_setup
+    queries = LowRankQueries.from_preconditioned(pre, rank=3)
+    assert queries.left  # some layers are low rank
+    got = {path: low_rank_scores(model, task, queries, _awkward(seqs), progress=False,
+                                 path=path).per_layer
+           for path in ("tokens", "reconstruct", "auto")}
+    torch.testing.assert_close(got["reconstruct"], got["tokens"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(got["auto"], got["tokens"], rtol=0, atol=1e-10)
+    dense = queries.dense()
+    assert ref.total.abs().max() > 1e-3
+    with pytest.raises(DatasleuthError, match="path must be one of"):
+        low_rank_scores(model, task, queries, _awkward(seqs), progress=False, path="fast")
+    assert set(dense) == set(pre)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pandas as pd
@@ -275,3 +276,31 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
     assert not any("fitted" in line for line in err)  # refused before any fitting
     assert main([*trace, "--out", str(tmp_path / "bad"), "--approximate"]) == 2
     assert "--index" in _error_line(capsys)
+
+
+def test_torchrun_two_processes_write_the_one_process_result(world, tmp_path):
+    import subprocess
+    import sys
+
+    queries = _three_queries(tmp_path)
+    args = ["trace", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+            "--queries", str(queries), "--seq-len", "32", "--top-k", "4", "--bottom-k", "2",
+            "--fisher", "empirical", "--no-report", "--no-progress", "--all-scores"]
+    assert main([*args, "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "DATASLEUTH_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "datasleuth.cli", *args, "--workdir", str(tmp_path / "w2"),
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    _same_rows(one, two, "top")
+    _same_rows(one, two, "bottom")
+    assert [q["n_scanned"] for q in one["queries"]] == [q["n_scanned"] for q in two["queries"]]
+    assert [q["score_histogram"]["counts"] for q in one["queries"]] == \
+        [q["score_histogram"]["counts"] for q in two["queries"]]
+    table = pd.read_parquet(tmp_path / "two" / "scores").sort_values("sequence")
+    assert table["sequence"].tolist() == list(range(len(table)))
+    assert run.stdout.count("query q") == 1  # rank 0 alone prints the summary

@@ -133,10 +133,11 @@ def _fit_options(f):
 
 def _setup(model_path, layers, attention, dtype, device, trust_remote_code, corpus_path,
            workdir, seq_len, text_field, progress):
+    from datasleuth.distributed import local_device
     from datasleuth.lm.model import default_layers, load_model
     from datasleuth.lm.pipeline import prepare_corpus
 
-    model, tokenizer = load_model(model_path, dtype=dtype, device=device,
+    model, tokenizer = load_model(model_path, dtype=dtype, device=local_device(device),
                                   trust_remote_code=trust_remote_code)
     tracked = default_layers(model, include=layers or None, attention=attention)
     paths = [Path(p) for p in corpus_path]
@@ -230,6 +231,10 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
                         workdir=workdir, all_scores=all_scores, rank=rank,
                         index=index_dir, rescore=rescore, approximate=approximate,
                         progress=progress)
+    from datasleuth.distributed import world
+
+    if world()[0] != 0:
+        return
     _print_summary(results)
     if not no_report:
         from datasleuth.report import render_report
@@ -322,8 +327,15 @@ def demo(out_dir, top_k, seed, progress):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    """Entry point: run the CLI, turning user errors into one line and exit status 2.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the processes join one group: fitting and the
+    scan are sharded across them, and rank 0 writes the results.
+    """
+    from datasleuth.distributed import init_from_environment
+
     try:
+        init_from_environment()
         cli.main(args=argv, prog_name="datasleuth", standalone_mode=False)
     except DatasleuthError as e:
         click.echo(f"error: {e}", err=True)

@@ -76,7 +76,7 @@ from torch.utils.data import DataLoader, default_collate
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import resolve_layers
-from datasleuth.hooks import TrackedLayer
+from datasleuth.hooks import TrackedLayer, suspend_capture
 from datasleuth.task import ClassificationTask, RegressionTask, Task
 from datasleuth.utils import to_device
 
@@ -419,28 +419,25 @@ class _Operator:
 
 
 class _Isolated:
-    """Eval mode, and the tracked modules' forward hooks suspended, inside a with-block.
+    """Eval mode, and every capture context suspended, inside a with-block.
 
     :func:`~datasleuth.scoring.self_influence` calls ``precondition`` while its capture
     hooks are installed on the tracked layers; the estimators' own forward passes must
-    not reach those hooks (they would see a layer run twice). Hooks are restored on exit.
+    not reach those hooks (they would see a layer run twice), so they run under
+    :func:`~datasleuth.hooks.suspend_capture`.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[TrackedLayer] = ()):
         self.model = model
-        self.modules = [layer.module for layer in layers]
+        self.suspend = suspend_capture()
 
     def __enter__(self) -> None:
         self.was_training = self.model.training
         self.model.eval()
-        self.saved = [m._forward_hooks.copy() for m in self.modules]
-        for m in self.modules:
-            m._forward_hooks.clear()
+        self.suspend.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        for m, hooks in zip(self.modules, self.saved):
-            m._forward_hooks.clear()
-            m._forward_hooks.update(hooks)
+        self.suspend.__exit__(*exc)
         self.model.train(self.was_training)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
+from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, find_layers
 from datasleuth.progress import progress_bar
@@ -131,7 +132,8 @@ def _run_pass(
     desc: str,
     progress: bool,
 ) -> None:
-    generator = torch.Generator().manual_seed(config.seed)
+    rank, _ = world()
+    generator = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)
     device = next(model.parameters()).device
     with capture(model, layers, on_layer, dtype=compute_dtype(model)) as state:
         for i, batch in enumerate(progress_bar(loader, desc=desc, enabled=progress)):
@@ -170,12 +172,14 @@ def fit_curvature(
         if config.curvature in ("kfac", "ekfac"):
             _run_pass(model, task, loader, tracked, _covariance_fn(stats, current), current,
                       config, "fit factors", progress)
+            _reduce(stats, model, factors=True)
             bases = {name: _eigenbases(s) for name, s in stats.items()}
         else:
             bases = {name: (None, None, None, None) for name in stats}
         if config.curvature in ("ekfac", "diagonal"):
             _run_pass(model, task, loader, tracked, _eigenvalue_fn(stats, bases), current,
                       config, "fit eigenvalues", progress)
+            _reduce(stats, model, factors=False)
     finally:
         model.train(was_training)
     layers_out = {}
@@ -213,6 +217,21 @@ def fit_curvature(
         "tokens": some.tokens,
     }
     return Curvature(config.curvature, layers_out, metadata)
+
+
+def _reduce(stats: dict[str, _Stats], model: nn.Module, factors: bool) -> None:
+    """Sum one pass's statistics over processes (datasleuth.distributed); no-op alone."""
+    if not active():
+        return
+    device = next(model.parameters()).device
+    for s in stats.values():
+        s.on(device)
+        if factors:
+            all_reduce_sum(s.a_cov + s.s_cov)
+            s.tokens = all_reduce_int(s.tokens, device)
+        else:
+            all_reduce_sum([s.lam])
+        s.sequences = all_reduce_int(s.sequences, device)
 
 
 def _require(count: int, layer: TrackedLayer) -> None:

@@ -13,6 +13,7 @@ tensor hook on each layer output receives Ds during the backward pass.
 from __future__ import annotations
 
 import fnmatch
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "capture",
     "backward_to_outputs",
     "per_example_gradients",
+    "suspend_capture",
 ]
 
 
@@ -126,6 +128,22 @@ def layers_by_name(model: nn.Module, names: Sequence[str]) -> list[TrackedLayer]
 
 
 LayerFn = Callable[[TrackedLayer, Tensor, Tensor], None]
+_suspended = threading.local()
+
+
+@contextmanager
+def suspend_capture() -> Iterator[None]:
+    """Inside the block, active :func:`capture` contexts ignore forward passes.
+
+    For model calls nested inside a capture that are not part of its batch, e.g. an
+    exact estimator's own Gauss-Newton products when :func:`datasleuth.self_influence`
+    preconditions the gradients it has just captured.
+    """
+    _suspended.depth = getattr(_suspended, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _suspended.depth -= 1
 
 
 class _Capture:
@@ -159,7 +177,8 @@ class _Capture:
 
     def forward_hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not torch.is_grad_enabled() or not output.requires_grad:
+            if (getattr(_suspended, "depth", 0) or not torch.is_grad_enabled()
+                    or not output.requires_grad):
                 return
             if layer.name in self._seen:
                 raise DatasleuthError(

@@ -21,8 +21,13 @@ def progress_bar(
     total: int | None = None,
     unit: str = "batch",
 ) -> Iterable[T]:
-    """Wrap ``iterable`` in a tqdm bar on stderr; ``DATASLEUTH_PROGRESS=0`` disables all bars."""
-    if not enabled or os.environ.get("DATASLEUTH_PROGRESS", "1") == "0":
+    """Wrap ``iterable`` in a tqdm bar on stderr; ``DATASLEUTH_PROGRESS=0`` disables all bars.
+
+    Under torch.distributed only rank 0 draws bars.
+    """
+    from datasleuth.distributed import world
+
+    if not enabled or os.environ.get("DATASLEUTH_PROGRESS", "1") == "0" or world()[0] != 0:
         return iterable
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasleuth.curvature import Curvature
+from datasleuth.distributed import active, barrier, rank_zero_first, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.hooks import TrackedLayer
@@ -58,8 +59,9 @@ _STORAGE = {"float16": torch.float16, "float32": torch.float32, "float64": torch
 
 
 def say(message: str) -> None:
-    """One status line on stderr (stdout is kept for results)."""
-    print(message, file=sys.stderr, flush=True)
+    """One status line on stderr (stdout is kept for results); rank 0 only."""
+    if world()[0] == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def prepare_corpus(
@@ -72,20 +74,22 @@ def prepare_corpus(
 ) -> PackedCorpus:
     """Pack the corpus into ``workdir/corpus``, or reuse a packing of the same inputs."""
     target = Path(workdir) / "corpus"
-    if PackedCorpus.matches(target, corpus_path, tokenizer, seq_len, text_field=text_field):
-        corpus = PackedCorpus.load(target)
-        say(f"reusing packed corpus {target} ({len(corpus)} sequences of {seq_len} tokens)")
+    with rank_zero_first():  # under torchrun, rank 0 packs and the others reuse it
+        if PackedCorpus.matches(target, corpus_path, tokenizer, seq_len, text_field=text_field):
+            corpus = PackedCorpus.load(target)
+            say(f"reusing packed corpus {target} ({len(corpus)} sequences of {seq_len} tokens)")
+            return corpus
+        corpus = pack_corpus(corpus_path, tokenizer, seq_len=seq_len, output_dir=target,
+                             progress=progress, text_field=text_field)
+        say(f"packed {corpus.num_documents} documents into {len(corpus)} sequences of "
+            f"{seq_len} tokens -> {target}")
         return corpus
-    corpus = pack_corpus(corpus_path, tokenizer, seq_len=seq_len, output_dir=target,
-                         progress=progress, text_field=text_field)
-    say(f"packed {corpus.num_documents} documents into {len(corpus)} sequences of {seq_len} "
-        f"tokens -> {target}")
-    return corpus
 
 
 def _corpus_loader(corpus: PackedCorpus, batch_size: int, limit: int | None) -> DataLoader:
+    """This process's block of the first ``limit`` sequences (all of them alone)."""
     n = len(corpus) if limit is None else min(limit, len(corpus))
-    return DataLoader(list(range(n)), batch_size=batch_size, collate_fn=corpus.collate)
+    return DataLoader(list(shard(n)), batch_size=batch_size, collate_fn=corpus.collate)
 
 
 def fit_factors(
@@ -112,7 +116,9 @@ def fit_factors(
     loader = _corpus_loader(corpus, batch_size, max_sequences)
     curvature = fit_curvature(model, CausalLMTask(), loader, layers, config, progress=progress)
     curvature.metadata.update(corpus_fingerprint=corpus.fingerprint, max_sequences=max_sequences)
-    curvature.save(path)
+    if world()[0] == 0:
+        curvature.save(path)
+    barrier()
     say(f"fitted {config.curvature} on {curvature.metadata['sequences']} sequences, "
         f"{len(layers)} layers -> {path}")
     return curvature
@@ -174,6 +180,9 @@ def build_corpus_index(
     """
     from datasleuth.scale.index import IndexConfig, build_index, fit_projected_curvature
 
+    if active():
+        raise DatasleuthError("`datasleuth index` runs in one process; start it without "
+                              "torchrun (trace --index may use many)")
     directory = Path(directory)
     side = directory / _INDEX_CORPUS
     if side.is_file():
@@ -350,7 +359,8 @@ def run_trace(
         from datasleuth.scale.bm25 import FILTER_WARNING
 
         ignore = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
-        candidates = bm25_candidates(corpus, encoded, workdir or out, candidates_k, ignore)
+        with rank_zero_first():
+            candidates = bm25_candidates(corpus, encoded, workdir or out, candidates_k, ignore)
         warnings.append(f"{FILTER_WARNING} (top {candidates_k} per query)")
         say(f"warning: {warnings[-1]}")
     rows = [{"id": q.id, "prompt": q.prompt, "completion": q.completion,
@@ -403,5 +413,7 @@ def run_trace(
     results["config"].update(curvature=curvature.metadata.get("config"),
                              candidates_k=candidates_k, layers=curvature.layer_names,
                              first_stage=stage)
-    write_json(results_path, results)
+    if world()[0] == 0:
+        write_json(results_path, results)
+    barrier()
     return results

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from datasleuth.distributed import gather_objects, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.task import CausalLMTask
@@ -70,6 +71,15 @@ class RunningTopK:
         values = torch.cat([self.values, v], 1)
         idx = torch.cat([self.indices, indices[None].expand(v.shape[0], -1).cpu()], 1)
         pay = torch.cat([self.payload, payload.permute(1, 0, 2).double().cpu()], 1)
+        self._select(values, idx, pay)
+
+    def merge(self, other: RunningTopK) -> None:
+        """Fold in another process's running top-k (same queries, disjoint sequences)."""
+        self._select(torch.cat([self.values, other.values], 1),
+                     torch.cat([self.indices, other.indices], 1),
+                     torch.cat([self.payload, other.payload], 1))
+
+    def _select(self, values: Tensor, idx: Tensor, pay: Tensor) -> None:
         keep = min(self.k, values.shape[1])
         # stable order: larger value first, then lower index
         order = torch.argsort(idx, dim=1, stable=True)
@@ -147,11 +157,20 @@ def scan_corpus(
         raise DatasleuthError("there is nothing to scan: the corpus or candidate set is empty")
     state = _ScanState(n_queries, n_layers, config, stride=max(1, len(union) //
                                                                 config.histogram_sample))
+    rank, size = world()
+    block = shard(len(union))  # this process's sequences (all of them for one process)
     key = f"{run_key}:{len(union)}:{int(np.sum(union, dtype=np.int64))}"
+    if size > 1:
+        key += f":rank{rank}/{size}"
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint).with_suffix(f".rank{rank}.safetensors")
+        if scores_dir is not None:
+            scores_dir = Path(scores_dir) / f"rank-{rank:03d}"
+    state.position = block.start
     if checkpoint is not None:
         state.restore(checkpoint, key)
     done = state.position
-    loader = _subset_loader(corpus, union[done:], config.batch_size)
+    loader = _subset_loader(corpus, union[done : block.stop], config.batch_size)
     writer = _ParquetParts(scores_dir, query_ids, keep=state.parts) if scores_dir else None
     task = CausalLMTask()
     last_save = [time.monotonic()]
@@ -177,10 +196,13 @@ def scan_corpus(
         scanner(model, task, loader, on_scores, progress)
     if writer is not None:
         writer.flush()
+    if size > 1:
+        state.merge_processes()
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     return ScanResult(state.top, state.bottom, state.samples, state.scanned,
-                      {"scanned_sequences": int(len(union)), "resumed_at": int(done)})
+                      {"scanned_sequences": int(len(union)),
+                       "resumed_at": int(done - block.start)})
 
 
 class _ScanState:
@@ -205,6 +227,25 @@ class _ScanState:
             self.scanned[q] += int(ok.sum())
             self.samples[q].extend(total[ok & take, q].tolist())
         self.position = start + len(idx)
+
+    def merge_processes(self) -> None:
+        """Combine every process's state (contiguous blocks in rank order) into this one."""
+        parts = gather_objects((self.top.values, self.top.indices, self.top.payload,
+                                self.bottom.values, self.bottom.indices, self.bottom.payload,
+                                self.samples, self.scanned))
+        first = parts[0]
+        self.top.values, self.top.indices, self.top.payload = first[0], first[1], first[2]
+        self.bottom.values, self.bottom.indices, self.bottom.payload = first[3:6]
+        self.samples = [list(s) for s in first[6]]
+        self.scanned = list(first[7])
+        for other in parts[1:]:
+            for tk, (v, i, p) in ((self.top, other[0:3]), (self.bottom, other[3:6])):
+                theirs = RunningTopK(0, tk.k, p.shape[2])
+                theirs.values, theirs.indices, theirs.payload = v, i, p
+                tk.merge(theirs)
+            for q in range(len(self.samples)):
+                self.samples[q].extend(other[6][q])
+                self.scanned[q] += other[7][q]
 
     def save(self, path: str | Path, key: str) -> None:
         tensors = {}

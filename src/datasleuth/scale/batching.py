@@ -22,15 +22,20 @@ Memory of Q queries (numbers; bytes = numbers × element size)::
 (:func:`memory_numbers`). For GPT-2 small's MLP (M = 768, P = 3072 and back) at k = 32
 that is 2 × 32 × 3841 ≈ 0.25 M numbers per block and query instead of 4.7 M (19×).
 
-Cost per training sequence of T tokens, per layer, in multiply-adds::
+Cost per training sequence of T tokens, per layer, in multiply-adds (B sequences a
+batch)::
 
-    low rank:  T Q k (P + M + 2)          (two GEMMs and a product summed over t, k)
-    full rank: T P (M+1) + Q P (M+1)      (form DW̄ once, then one dot product per query)
+    low rank, tokens:       T Q k (P + M + 2)     (two GEMMs, a product summed over t, k)
+    low rank, reconstruct:  Q k P (M+1) / B + (T + Q) P (M+1)
+                            (rebuild L R for a chunk of queries, dot with DW̄)
+    full rank:              (T + Q) P (M+1)       (form DW̄ once, one dot per query)
 
-The low-rank path saves *memory*: hundreds of queries fit where a handful of full-rank
-ones would, so one pass over the corpus serves them all. It saves *time* over the
-full-rank scan only where T Q k (P + M) < (T + Q) P M, i.e. for wide layers and short
-sequences; :func:`scan_low_rank` does not pick the cheaper path by itself. Re-score the
+The low-rank queries save *memory*: hundreds of queries fit where a handful of
+full-rank ones would, so one pass over the corpus serves them all. In time, the token
+path (the formulation of Grosse et al.) never forms DW̄ but costs T Q k (P + M); the
+reconstruct path forms the batch's DW̄, as the plain scan does, and rebuilds chunks of
+Ṽ = L R transiently. :func:`scan_low_rank` takes the cheaper of the two per layer and
+batch (``path="auto"``); both give the same scores up to rounding. Re-score the
 final top-N candidates with full-rank query gradients (:func:`rescore`).
 """
 
@@ -387,30 +392,58 @@ def compress_queries(
     return out
 
 
+_PATHS = ("auto", "tokens", "reconstruct")
+
+
 class _LayerScorer:
-    """Scores one layer's captured (ā, Ds) against every query, without forming DW̄."""
+    """Scores one layer's captured (ā, Ds) against every query.
+
+    Two exact evaluations of −⟨L R, DW̄⟩ for a low-rank layer, chosen per batch by
+    multiply-add count (``path="auto"``) or fixed:
+
+    * ``"tokens"`` (Grosse et al. 2023, §3.2.2): −Σ_t (Ds_tᵀ L)(R ā_t); DW̄ is never
+      formed; B T Q k (P + M + 1) per batch.
+    * ``"reconstruct"``: rebuild Ṽ = L R for a chunk of queries at a time (transient
+      memory of one chunk) and take dot products with the batch's DW̄, formed once as in
+      the plain scan; Q k P (M+1) + B (T + Q) P (M+1) per batch. Cheaper when the batch is
+      large and the sequences long.
+    """
 
     def __init__(self, queries: LowRankQueries, name: str, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, path: str = "auto"):
         self.q = queries.n_queries
+        self.path = path
         if name in queries.full:
             self.full = queries.full[name].to(device, dtype).reshape(self.q, -1)  # (Q, P(M+1))
             return
         self.full = None
         left, right = queries.left[name], queries.right[name]
         self.k = left.shape[2]
+        self.l3 = left.to(device, dtype)  # (Q, P, k)
+        self.r3 = right.to(device, dtype)  # (Q, k, M+1)
         # Columns ordered (query, k), so one GEMM serves all queries.
-        self.left = left.to(device, dtype).permute(1, 0, 2).reshape(left.shape[1], -1)  # (P,Qk)
-        self.right = right.to(device, dtype).permute(2, 0, 1).reshape(right.shape[2], -1)
-        # self.right: (M+1, Qk)
+        self.left = self.l3.permute(1, 0, 2).reshape(left.shape[1], -1)  # (P, Qk)
+        self.right = self.r3.permute(2, 0, 1).reshape(right.shape[2], -1)  # (M+1, Qk)
 
     def __call__(self, a: Tensor, g: Tensor) -> Tensor:
         """Scores (B, Q) from ā (B, T, M+1) and Ds (B, T, P), padding already zero."""
-        b, t, _ = a.shape
+        b, t, m1 = a.shape
+        p = g.shape[2]
         if self.full is not None:
             # 2 B T P (M+1) FLOPs to form DW̄, then 2 B Q P (M+1) for the dot products.
             dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of L
             return -(dw.reshape(b, -1) @ self.full.t())  # (B, Q)
+        path = self.path
+        if path == "auto":
+            tokens = b * t * self.q * self.k * (p + m1)
+            rebuild = self.q * self.k * p * m1 + b * (t + self.q) * p * m1
+            path = "tokens" if tokens <= rebuild else "reconstruct"
+        if path == "reconstruct":
+            dw = per_example_gradients(a, g).reshape(b, -1)  # (B, P(M+1))
+            step = max(1, _CHUNK_ELEMENTS // max(1, p * m1))
+            out = [dw @ torch.bmm(self.l3[q0 : q0 + step], self.r3[q0 : q0 + step])
+                   .reshape(-1, p * m1).t() for q0 in range(0, self.q, step)]
+            return -torch.cat(out, dim=1)  # (B, Q)
         # 2 B T Q k (P + M + 1) FLOPs for the two GEMMs, B T Q k for the product-sum.
         a2, g2 = a.reshape(b * t, -1), g.reshape(b * t, -1)  # (BT, M+1), (BT, P)
         step = max(1, _CHUNK_ELEMENTS // max(1, b * t * self.k))
@@ -430,19 +463,23 @@ def scan_low_rank(
     train: Iterable[Any],
     on_scores: Callable[[int, Tensor], None],
     progress: bool = True,
+    path: str = "auto",
 ) -> None:
     """Stream ``train`` once and call ``on_scores(first_index, scores (B, Q, L))`` per batch.
 
-    Like :func:`datasleuth.scoring.scan_scores`, but each low-rank layer is scored as
-    −Σ_t (Ds_tᵀ L)(R ā_t) from the captured activations and output gradients
-    (METHOD.md §4; Grosse et al. 2023, §3.2.2); layers kept at full rank take the
-    per-example gradient path. The layer axis follows ``queries.layer_names``.
+    Like :func:`datasleuth.scoring.scan_scores`, but each low-rank layer is scored
+    against the compressed queries Ṽ ≈ L R (METHOD.md §4; Grosse et al. 2023, §3.2.2)
+    by the cheaper of two exact evaluations (``path``; see :class:`_LayerScorer`);
+    layers kept at full rank take the per-example gradient path. The layer axis follows
+    ``queries.layer_names``.
     """
+    if path not in _PATHS:
+        raise DatasleuthError(f"path must be one of {', '.join(_PATHS)}, not {path!r}")
     layers = layers_by_name(model, queries.layer_names)
     position = {layer.name: i for i, layer in enumerate(layers)}
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
-    scorers = {n: _LayerScorer(queries, n, dtype, device) for n in queries.layer_names}
+    scorers = {n: _LayerScorer(queries, n, dtype, device, path) for n in queries.layer_names}
     buffer: dict[int, Tensor] = {}
     seen = [0]
 
@@ -465,10 +502,12 @@ def low_rank_scores(
     queries: LowRankQueries,
     train: Iterable[Any],
     progress: bool = True,
+    path: str = "auto",
 ) -> Scores:
     """All scores of :func:`scan_low_rank`: total (Q, N), per layer (Q, N, L)."""
     parts: list[Tensor] = []
-    scan_low_rank(model, task, queries, train, lambda start, s: parts.append(s.cpu()), progress)
+    scan_low_rank(model, task, queries, train, lambda start, s: parts.append(s.cpu()), progress,
+                  path)
     if not parts:
         raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
     per_layer = torch.cat(parts).permute(1, 0, 2).contiguous()  # (Q, N, L)

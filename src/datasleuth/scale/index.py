@@ -66,6 +66,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
+from datasleuth.distributed import all_reduce_int, all_reduce_sum, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import resolve_layers
 from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, layers_by_name
@@ -380,9 +381,11 @@ def fit_projected_curvature(
             sums[name] += g.t() @ g
         count[0] += rows.shape[0]
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * world()[0])
     _stream_projected(model, task, loader, layers, index.projections, fisher, on_rows,
                       generator, max_batches, "fit projected curvature", progress)
+    all_reduce_sum(list(sums.values()))  # one loader shard per process (datasleuth.distributed)
+    count[0] = all_reduce_int(count[0])
     if count[0] == 0:
         raise DatasleuthError("the curvature loader yielded no batches; pass a non-empty loader")
     ggn, damp = {}, {}
