@@ -9,8 +9,8 @@ the corpus (``loss.backward()`` into every weight):
 * the plain full-rank scan (:func:`datasleuth.scan_scores`) with 1 and 16 queries
   (``--full-queries``);
 * query batching (:func:`datasleuth.scale.scan_low_rank`, rank ``--rank``) with 1, 16
-  and 256 queries (cheaper exact path per layer), and with 256 queries on the token
-  path of Grosse et al. alone;
+  and 256 queries on the token path of Grosse et al. (the default), and with 256
+  queries on the path that rebuilds chunks of L R;
 * the index: build (one-off), exact and FAISS HNSW search of every query.
 
 Agreement with full EK-FAC over the 16 queries (Pearson r per query, averaged, and
@@ -203,7 +203,8 @@ def main() -> None:
         configs[f"full-rank scan, {n} quer{'y' if n == 1 else 'ies'}"] = full_scan(n)
     for n in (1, 16, 256):
         configs[f"rank-{args.rank} scan, {n} quer{'y' if n == 1 else 'ies'}"] = low_scan(n)
-    configs[f"rank-{args.rank} scan, 256 queries, token path only"] = low_scan(256, path="tokens")
+    configs[f"rank-{args.rank} scan, 256 queries, reconstruct path"] = low_scan(
+        256, path="reconstruct")
 
     _phase("building the index")
     tmp = tempfile.TemporaryDirectory()

@@ -34,8 +34,11 @@ The low-rank queries save *memory*: hundreds of queries fit where a handful of
 full-rank ones would, so one pass over the corpus serves them all. In time, the token
 path (the formulation of Grosse et al.) never forms DW̄ but costs T Q k (P + M); the
 reconstruct path forms the batch's DW̄, as the plain scan does, and rebuilds chunks of
-Ṽ = L R transiently. :func:`scan_low_rank` takes the cheaper of the two per layer and
-batch (``path="auto"``); both give the same scores up to rounding. Re-score the
+Ṽ = L R transiently. Both give the same scores up to rounding. :func:`scan_low_rank`
+uses the token path by default; ``path="reconstruct"`` suits large batches on
+hardware with high memory bandwidth, and ``path="auto"`` picks by multiply-add count
+alone (on a 2-core CPU, where rebuilding Ṽ is bound by memory traffic, it was no faster
+than the token path: benchmarks/scale.py). Re-score the
 final top-N candidates with full-rank query gradients (:func:`rescore`).
 """
 
@@ -398,8 +401,9 @@ _PATHS = ("auto", "tokens", "reconstruct")
 class _LayerScorer:
     """Scores one layer's captured (ā, Ds) against every query.
 
-    Two exact evaluations of −⟨L R, DW̄⟩ for a low-rank layer, chosen per batch by
-    multiply-add count (``path="auto"``) or fixed:
+    Two exact evaluations of −⟨L R, DW̄⟩ for a low-rank layer, fixed by ``path`` or
+    chosen per batch by multiply-add count (``path="auto"``, which ignores memory
+    traffic):
 
     * ``"tokens"`` (Grosse et al. 2023, §3.2.2): −Σ_t (Ds_tᵀ L)(R ā_t); DW̄ is never
       formed; B T Q k (P + M + 1) per batch.
@@ -410,7 +414,7 @@ class _LayerScorer:
     """
 
     def __init__(self, queries: LowRankQueries, name: str, dtype: torch.dtype,
-                 device: torch.device, path: str = "auto"):
+                 device: torch.device, path: str = "tokens"):
         self.q = queries.n_queries
         self.path = path
         if name in queries.full:
@@ -463,13 +467,14 @@ def scan_low_rank(
     train: Iterable[Any],
     on_scores: Callable[[int, Tensor], None],
     progress: bool = True,
-    path: str = "auto",
+    path: str = "tokens",
 ) -> None:
     """Stream ``train`` once and call ``on_scores(first_index, scores (B, Q, L))`` per batch.
 
     Like :func:`datasleuth.scoring.scan_scores`, but each low-rank layer is scored
-    against the compressed queries Ṽ ≈ L R (METHOD.md §4; Grosse et al. 2023, §3.2.2)
-    by the cheaper of two exact evaluations (``path``; see :class:`_LayerScorer`);
+    against the compressed queries Ṽ ≈ L R (METHOD.md §4; Grosse et al. 2023, §3.2.2):
+    by default −Σ_t (Ds_tᵀ L)(R ā_t), never forming DW̄ (``path``; see
+    :class:`_LayerScorer`);
     layers kept at full rank take the per-example gradient path. The layer axis follows
     ``queries.layer_names``.
     """
@@ -502,7 +507,7 @@ def low_rank_scores(
     queries: LowRankQueries,
     train: Iterable[Any],
     progress: bool = True,
-    path: str = "auto",
+    path: str = "tokens",
 ) -> Scores:
     """All scores of :func:`scan_low_rank`: total (Q, N), per layer (Q, N, L)."""
     parts: list[Tensor] = []
