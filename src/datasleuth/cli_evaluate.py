@@ -21,7 +21,7 @@ __all__ = ["evaluate"]
                    "defining `recipe = Recipe(...)` (the file is executed).")
 @click.option("--estimators", default=None,
               help="Comma list of estimators (default: all: identity, diagonal, kfac, ekfac, "
-                   "exact_ggn, cg, lissa).")
+                   "exact_ggn, exact_ggn_layers, cg, lissa).")
 @click.option("--subsets", default=32, show_default=True, type=click.IntRange(0),
               help="Random 50% subsets retrained for the LDS (0 = no LDS).")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),

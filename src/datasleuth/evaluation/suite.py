@@ -110,6 +110,11 @@ def _exact(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
                               **options)
 
 
+def _exact_layers(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    """Exact GGN blocks of each layer, cross-layer blocks dropped (what EK-FAC approximates)."""
+    return _exact(ctx, {"block_diagonal": True, **options})
+
+
 def _cg(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
     from datasleuth.estimators import ConjugateGradient
 
@@ -135,6 +140,8 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
         _curvature_spec("kfac", "K-FAC"),
         _curvature_spec("ekfac", "EK-FAC (Grosse et al. 2023)"),
         EstimatorSpec("exact_ggn", "dense damped Gauss-Newton, Cholesky solve", _exact),
+        EstimatorSpec("exact_ggn_layers", "exact per-layer Gauss-Newton blocks "
+                      "(block-diagonal, as EK-FAC)", _exact_layers),
         EstimatorSpec("cg", "conjugate gradient with GGN-vector products", _cg),
         EstimatorSpec("lissa", "LiSSA recursion (Agarwal et al. 2017)", _lissa),
     )
