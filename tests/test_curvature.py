@@ -178,3 +178,52 @@ def test_config_is_validated():
         FitConfig(fisher="true")
     with pytest.raises(DatasleuthError, match="blocks"):
         FitConfig(blocks=0)
+
+
+class _DiesAfter:
+    """A loader that raises KeyboardInterrupt when its ``limit``-th batch is requested."""
+
+    def __init__(self, batches, limit):
+        self.batches, self.limit, self.count = batches, limit, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            if self.count == self.limit:
+                raise KeyboardInterrupt
+            self.count += 1
+            yield b
+
+
+@pytest.mark.parametrize("kind", ["ekfac", "kfac", "diagonal"])
+@pytest.mark.parametrize("kill_at", [2, 7])
+def test_killed_fit_resumes_to_the_uninterrupted_result(mlp_data, tmp_path, kind, kill_at):
+    model, x, y = mlp_data
+    batches = list(loader(x, y, batch_size=5))  # 5 batches a pass
+    cfg = FitConfig(curvature=kind)  # sampled labels: the sampler's state must resume too
+    want = fit_curvature(model, ClassificationTask(), batches, None, cfg, progress=False)
+    ckpt = tmp_path / "fit.safetensors"
+    passes = 2 if kind == "ekfac" else 1
+    if kill_at < 5 * passes:
+        with pytest.raises(KeyboardInterrupt):
+            fit_curvature(model, ClassificationTask(), _DiesAfter(batches, kill_at), None, cfg,
+                          progress=False, checkpoint=ckpt, checkpoint_seconds=0)
+        assert ckpt.is_file()
+    counting = _DiesAfter(batches, 10**6)
+    got = fit_curvature(model, ClassificationTask(), counting, None, cfg, progress=False,
+                        checkpoint=ckpt, checkpoint_seconds=0)
+    assert not ckpt.exists()
+    for name, layer in want.layers.items():
+        torch.testing.assert_close(got.layers[name].dense(), layer.dense(), rtol=1e-12,
+                                   atol=1e-14)
+    assert got.metadata["sequences"] == want.metadata["sequences"] == 23
+    # A snapshot of another configuration is ignored, not misused.
+    with pytest.raises(KeyboardInterrupt):
+        fit_curvature(model, ClassificationTask(), _DiesAfter(batches, 3), None, cfg,
+                      progress=False, checkpoint=ckpt, checkpoint_seconds=0)
+    other = fit_curvature(model, ClassificationTask(), batches, None,
+                          FitConfig(curvature=kind, seed=1), progress=False, checkpoint=ckpt)
+    fresh = fit_curvature(model, ClassificationTask(), batches, None, FitConfig(curvature=kind,
+                          seed=1), progress=False)
+    for name, layer in fresh.layers.items():
+        torch.testing.assert_close(other.layers[name].dense(), layer.dense(), rtol=1e-12,
+                                   atol=1e-14)

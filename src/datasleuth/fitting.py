@@ -11,8 +11,12 @@ true labels when ``fisher="empirical"``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +27,7 @@ from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, find_layers
 from datasleuth.progress import progress_bar
-from datasleuth.storage import model_fingerprint
+from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype, to_device
 
@@ -131,14 +135,18 @@ def _run_pass(
     config: FitConfig,
     desc: str,
     progress: bool,
+    generator: torch.Generator,
+    start: int = 0,
+    after_batch: Callable[[int], None] | None = None,
 ) -> None:
-    rank, _ = world()
-    generator = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)
+    """One pass over ``loader``; batches before ``start`` (done before a resume) skipped."""
     device = next(model.parameters()).device
     with capture(model, layers, on_layer, dtype=compute_dtype(model)) as state:
         for i, batch in enumerate(progress_bar(loader, desc=desc, enabled=progress)):
             if config.max_batches is not None and i >= config.max_batches:
                 break
+            if i < start:
+                continue
             batch = to_device(batch, device)
             current.mask = task.mask(batch)
             state.set_batch(current.mask)
@@ -147,6 +155,8 @@ def _run_pass(
             else:
                 objective = task.loss(model, batch).sum()
             backward_to_outputs(objective, state)
+            if after_batch is not None:
+                after_batch(i + 1)
 
 
 def fit_curvature(
@@ -156,32 +166,52 @@ def fit_curvature(
     layers: Sequence[str] | Sequence[TrackedLayer] | None = None,
     config: FitConfig | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_seconds: float = 300.0,
+    checkpoint_key: str = "",
 ) -> Curvature:
     """Fit curvature of every tracked layer on the batches of ``loader``.
 
     ``loader`` is iterated once (identity: never; diagonal: once; K-FAC: once;
-    EK-FAC: twice), in the model's train-free (eval) mode.
+    EK-FAC: twice), in the model's train-free (eval) mode, and must yield the same
+    batches in the same order every time. With ``checkpoint``, the running sums (and
+    the label sampler's state) are saved there every ``checkpoint_seconds``; a killed
+    fit re-run with the same model, layers, configuration and ``checkpoint_key``
+    resumes after the last saved batch and gives the result of an uninterrupted fit.
     """
     config = config or FitConfig()
     tracked = resolve_layers(model, layers)
+    rank, size = world()
+    key = json.dumps([checkpoint_key, model_fingerprint(model, tracked), asdict(config),
+                      [layer.name for layer in tracked], rank, size], sort_keys=True)
+    saver = _Checkpoint(checkpoint, key, checkpoint_seconds)
     was_training = model.training
     model.eval()
     try:
         stats = {layer.name: _Stats(layer, config.blocks) for layer in tracked}
         current = _Batch()
-        if config.curvature in ("kfac", "ekfac"):
+        phase, done, bases = saver.restore(stats)
+        if config.curvature in ("kfac", "ekfac") and phase == "factors":
+            gen = saver.generator(config, rank, "factors")
             _run_pass(model, task, loader, tracked, _covariance_fn(stats, current), current,
-                      config, "fit factors", progress)
+                      config, "fit factors", progress, gen, done,
+                      lambda i: saver.save("factors", i, stats, None, gen))
             _reduce(stats, model, factors=True)
             bases = {name: _eigenbases(s) for name, s in stats.items()}
-        else:
+            phase, done = "eigenvalues", 0
+            if config.curvature == "ekfac":
+                saver.save("eigenvalues", 0, stats, bases, None, force=True)
+        elif bases is None:
             bases = {name: (None, None, None, None) for name in stats}
         if config.curvature in ("ekfac", "diagonal"):
-            _run_pass(model, task, loader, tracked, _eigenvalue_fn(stats, bases), current,
-                      config, "fit eigenvalues", progress)
+            gen = saver.generator(config, rank, "eigenvalues")
+            _run_pass(model, task, loader, tracked, _eigenvalue_fn(stats, bases, done > 0),
+                      current, config, "fit eigenvalues", progress, gen, done,
+                      lambda i: saver.save("eigenvalues", i, stats, bases, gen))
             _reduce(stats, model, factors=False)
     finally:
         model.train(was_training)
+    saver.clear()
     layers_out = {}
     for layer in tracked:
         s = stats[layer.name]
@@ -217,6 +247,79 @@ def fit_curvature(
         "tokens": some.tokens,
     }
     return Curvature(config.curvature, layers_out, metadata)
+
+
+class _Checkpoint:
+    """Snapshots of a fit in progress (safetensors + JSON header, atomic writes)."""
+
+    def __init__(self, path: str | os.PathLike | None, key: str, seconds: float):
+        self.path = Path(path) if path is not None else None
+        self.key = key
+        self.seconds = seconds
+        self.last = time.monotonic()
+        self.state: torch.Tensor | None = None
+        self.state_phase = ""
+
+    def generator(self, config: FitConfig, rank: int, phase: str) -> torch.Generator:
+        """The label sampler of a pass: seeded, or where a resumed pass left it."""
+        gen = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)
+        if self.state is not None and self.state_phase == phase:
+            gen.set_state(self.state)
+        return gen
+
+    def restore(self, stats: dict[str, _Stats]) -> tuple[str, int, dict | None]:
+        """(phase, batches done, eigenbases or None) of a matching snapshot, else a fresh start."""
+        if self.path is None or not self.path.is_file():
+            return "factors", 0, None
+        try:
+            tensors, meta = load_tensors(self.path)
+        except DatasleuthError:
+            return "factors", 0, None
+        if meta.get("key") != self.key:
+            return "factors", 0, None
+        bases: dict | None = None
+        for name, s in stats.items():
+            if f"{name}/a_cov/0" in tensors:  # absent once the factors were decomposed
+                s.a_cov = [tensors[f"{name}/a_cov/{i}"] for i in range(len(s.in_bounds))]
+                s.s_cov = [tensors[f"{name}/s_cov/{i}"] for i in range(len(s.out_bounds))]
+            s.lam = tensors[f"{name}/lam"]
+            s.tokens, s.sequences = meta["counts"][name]
+        if meta["phase"] == "eigenvalues" and f"{meta['first']}/lam_s" in tensors:
+            bases = {}
+            for name, s in stats.items():
+                q_in = Basis([tensors[f"{name}/q_in/{i}"] for i in range(len(s.in_bounds))])
+                q_out = Basis([tensors[f"{name}/q_out/{i}"] for i in range(len(s.out_bounds))])
+                bases[name] = (q_out, q_in, tensors[f"{name}/lam_s"], tensors[f"{name}/lam_a"])
+        if "generator" in tensors:
+            self.state, self.state_phase = tensors["generator"], meta["phase"]
+        return meta["phase"], int(meta["batches"]), bases
+
+    def save(self, phase: str, batches: int, stats: dict[str, _Stats], bases: dict | None,
+             generator: torch.Generator | None, force: bool = False) -> None:
+        if self.path is None or (not force and time.monotonic() - self.last < self.seconds):
+            return
+        tensors: dict[str, Tensor] = {}
+        for name, s in stats.items():
+            for i, c in enumerate(s.a_cov):
+                tensors[f"{name}/a_cov/{i}"] = c
+            for i, c in enumerate(s.s_cov):
+                tensors[f"{name}/s_cov/{i}"] = c
+            tensors[f"{name}/lam"] = s.lam
+            if bases is not None and bases[name][0] is not None:
+                q_out, q_in, lam_s, lam_a = bases[name]
+                tensors.update({f"{name}/q_in/{i}": b for i, b in enumerate(q_in.blocks)})
+                tensors.update({f"{name}/q_out/{i}": b for i, b in enumerate(q_out.blocks)})
+                tensors[f"{name}/lam_s"], tensors[f"{name}/lam_a"] = lam_s, lam_a
+        if generator is not None:
+            tensors["generator"] = generator.get_state()
+        meta = {"key": self.key, "phase": phase, "batches": batches, "first": next(iter(stats)),
+                "counts": {n: [s.tokens, s.sequences] for n, s in stats.items()}}
+        save_tensors(self.path, tensors, meta)
+        self.last = time.monotonic()
+
+    def clear(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _reduce(stats: dict[str, _Stats], model: nn.Module, factors: bool) -> None:
@@ -277,9 +380,9 @@ def _eigenbases(s: _Stats) -> tuple[Basis, Basis, Tensor, Tensor]:
     return q_out, q_in, lam_s, lam_a
 
 
-def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
+def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict, resumed: bool = False):
     """Accumulate Σ_seq (Q_Sᵀ DW̄_seq Q_A)^∘2 (diagonal Fisher: Q = I)."""
-    counted: dict[str, int] = {}
+    counted: dict[str, int] = {n: s.sequences for n, s in stats.items()} if resumed else {}
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)

@@ -4,6 +4,7 @@ A work directory holds what each step produces::
 
     WORKDIR/corpus/                    packed training sequences (lm.corpus)
     WORKDIR/factors-<kind>.safetensors fitted curvature, metadata names model/corpus/config
+    WORKDIR/.fit-<kind>.checkpoint...  running sums of an unfinished fit (resumed, then removed)
     WORKDIR/bm25/                      the candidate filter's index (if used)
     INDEX/                             a projected-gradient index (`datasleuth index`)
     OUT/results.json, OUT/report.html  what `trace` found
@@ -114,7 +115,14 @@ def fit_factors(
         except DatasleuthError as e:
             say(f"re-fitting: {e}")
     loader = _corpus_loader(corpus, batch_size, max_sequences)
-    curvature = fit_curvature(model, CausalLMTask(), loader, layers, config, progress=progress)
+    rank, size = world()
+    snapshot = Path(workdir) / (f".fit-{config.curvature}.checkpoint" +
+                                (f".rank{rank}" if size > 1 else "") + ".safetensors")
+    if snapshot.is_file():
+        say(f"resuming the fit from {snapshot} if it matches")
+    curvature = fit_curvature(model, CausalLMTask(), loader, layers, config, progress=progress,
+                              checkpoint=snapshot, checkpoint_seconds=60.0,
+                              checkpoint_key=f"{corpus.fingerprint}:{max_sequences}:{batch_size}")
     curvature.metadata.update(corpus_fingerprint=corpus.fingerprint, max_sequences=max_sequences)
     if world()[0] == 0:
         curvature.save(path)
