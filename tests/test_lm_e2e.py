@@ -304,3 +304,28 @@ def test_torchrun_two_processes_write_the_one_process_result(world, tmp_path):
     table = pd.read_parquet(tmp_path / "two" / "scores").sort_values("sequence")
     assert table["sequence"].tolist() == list(range(len(table)))
     assert run.stdout.count("query q") == 1  # rank 0 alone prints the summary
+
+
+def test_self_influence_command_flags_a_corrupt_document(world, tmp_path, capsys):
+    docs = [json.loads(line)["text"] for line in world["corpus"].read_text().splitlines()]
+    g = torch.Generator().manual_seed(3)
+    junk = "".join(chr(int(c)) for c in torch.randint(0x4E00, 0x4E00 + 2000, (40,), generator=g))
+    docs.insert(20, junk)  # 40 random CJK characters: nothing like the rest of the corpus
+    corpus = tmp_path / "corrupt.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    code = main(["self-influence", "--model", str(world["model_dir"]), "--corpus", str(corpus),
+                 "--seq-len", "32", "--workdir", str(tmp_path / "w"), "--out",
+                 str(tmp_path / "o"), "--top-k", "5", "--no-progress"])
+    assert code == 0
+    doc = json.loads((tmp_path / "o" / "self_influence.json").read_text())
+    assert [r["rank"] for r in doc["top"]] == [1, 2, 3, 4, 5]
+    assert 20 in doc["top"][0]["documents"]  # the corrupt document ranks first
+    assert doc["top"][0]["self_influence"] >= doc["top"][1]["self_influence"] > 0
+    table = pd.read_parquet(tmp_path / "o" / "self_influence.parquet")
+    assert len(table) == doc["n_sequences"]
+    assert table["sequence"].tolist() == list(range(len(table)))
+    assert table["self_influence"].max() == pytest.approx(doc["top"][0]["self_influence"])
+    layers = [c for c in table.columns if c.startswith("layer:")]
+    assert table[layers].sum(axis=1).to_numpy() == pytest.approx(
+        table["self_influence"].to_numpy(), rel=1e-6)
+    assert "top 5 of" in capsys.readouterr().out

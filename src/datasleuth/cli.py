@@ -82,6 +82,7 @@ def cli() -> None:
     datasleuth index --model M --corpus C            projected-gradient index
     datasleuth trace ... --index DIR                 candidates from the index, re-scored
     datasleuth report results.json                   re-render the HTML report
+    datasleuth self-influence --model M --corpus C   sequences the model finds odd
     datasleuth evaluate --recipe digits              LDS and agreement of the estimators
     """
     _quiet_libraries()
@@ -278,6 +279,38 @@ def index_command(model_path, layers, attention, device, dtype, trust_remote_cod
                       shard_size=shard_size)
     build_corpus_index(model, tracked, corpus, out_dir, cfg, batch_size=batch_size,
                        fisher=fisher, max_sequences=max_sequences, progress=progress)
+
+
+@cli.command("self-influence")
+@config_option
+@_model_options
+@_corpus_options
+@_fit_options
+@click.option("--out", "out_dir", default="datasleuth-self", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Folder for self_influence.parquet (all) and .json (top-k).")
+@click.option("--top-k", default=20, show_default=True, type=click.IntRange(1))
+@progress_option
+def self_influence_command(model_path, layers, attention, device, dtype, trust_remote_code,
+                           corpus_path, workdir, seq_len, text_field, batch_size, curvature,
+                           damping, fisher, blocks, max_sequences, out_dir, top_k, progress):
+    """Rank training sequences by self-influence: candidates for corrupt or odd data."""
+    from datasleuth.lm.pipeline import fit_factors, run_self_influence, say
+
+    model, _, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
+                                       trust_remote_code, corpus_path, workdir, seq_len,
+                                       text_field, progress)
+    cfg = _fit_config(curvature, damping, fisher, blocks)
+    curv = fit_factors(model, tracked, corpus, workdir, cfg, batch_size, max_sequences, progress)
+    doc = run_self_influence(model, corpus, curv, out_dir, top_k, batch_size, progress)
+    click.echo(f"\ntop {len(doc['top'])} of {doc['n_sequences']} sequences by self-influence "
+               "(loss rank in brackets):")
+    for row in doc["top"]:
+        text = row["text"].replace("\n", " ")
+        click.echo(f"  #{row['rank']:<3} seq {row['index']:<6} {row['self_influence']:+.4g}  "
+                   f"[loss #{row['loss_rank']}]  {text[:60]!r}")
+    say(f"results: {Path(out_dir) / 'self_influence.json'}, "
+        f"{Path(out_dir) / 'self_influence.parquet'}")
 
 
 def _register_evaluate() -> None:

@@ -38,7 +38,7 @@ from datasleuth.lm.queries import Query, collate_queries, encode_queries, load_q
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig, scan_corpus, trace_details
 from datasleuth.scoring import precondition_queries
-from datasleuth.storage import load_curvature, read_json, write_json
+from datasleuth.storage import atomic_path, load_curvature, read_json, write_json
 
 if TYPE_CHECKING:
     from datasleuth.scale.index import GradientIndex, IndexConfig
@@ -51,6 +51,7 @@ __all__ = [
     "build_corpus_index",
     "open_corpus_index",
     "run_trace",
+    "run_self_influence",
     "say",
 ]
 
@@ -425,3 +426,63 @@ def run_trace(
         write_json(results_path, results)
     barrier()
     return results
+
+
+def run_self_influence(
+    model: nn.Module,
+    corpus: PackedCorpus,
+    curvature: Curvature,
+    out_dir: str | Path,
+    top_k: int = 50,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Rank every packed sequence by self-influence ∇Lᵀ(G + λI)⁻¹∇L (METHOD.md §6).
+
+    High self-influence marks sequences the model could not fit from the rest of the
+    data: mislabeled, corrupt or unusual text (Koh & Liang 2017; Grosse et al. 2023).
+    Writes ``OUT/self_influence.parquet`` (every sequence: score, per-layer scores and
+    training loss, the simpler baseline) and ``OUT/self_influence.json`` (the top-k
+    with their text and source documents); returns the latter.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datasleuth.scoring import self_influence
+
+    if active():
+        raise DatasleuthError("self-influence runs in one process; start it without torchrun")
+    task = CausalLMTask()
+    loader = DataLoader(list(range(len(corpus))), batch_size=batch_size,
+                        collate_fn=corpus.collate)
+    scores = self_influence(model, task, curvature, loader, progress=progress)
+    device = next(model.parameters()).device
+    losses = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses.append(task.loss(model, batch).double().cpu())
+    loss = torch.cat(losses)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = {"sequence": pa.array(np.arange(len(corpus), dtype=np.int64)),
+            "self_influence": pa.array(scores.total.double().numpy()),
+            "loss": pa.array(loss.numpy())}
+    for j, name in enumerate(scores.layer_names):
+        cols[f"layer:{name}"] = pa.array(scores.per_layer[:, j].double().numpy())
+    with atomic_path(out / "self_influence.parquet") as tmp:
+        pq.write_table(pa.table(cols), str(tmp))
+    order = torch.argsort(-scores.total.double(), stable=True)[:top_k].tolist()
+    rank_by_loss = torch.argsort(torch.argsort(-loss, stable=True), stable=True)
+    rows = []
+    for r, i in enumerate(order):
+        docs = sorted({int(seg.doc_index) for seg in corpus.segments(i)})
+        rows.append({"rank": r + 1, "index": int(i), "self_influence": float(scores.total[i]),
+                     "layer_scores": [float(x) for x in scores.per_layer[i]],
+                     "loss": float(loss[i]), "loss_rank": int(rank_by_loss[i]) + 1,
+                     "documents": docs, "text": corpus.text(i)})
+    doc = {"format_version": 1, "tool": "datasleuth", "kind": "self_influence",
+           "curvature": curvature.metadata.get("config"), "layer_names": scores.layer_names,
+           "n_sequences": len(corpus), "top": rows}
+    write_json(out / "self_influence.json", doc)
+    return doc
