@@ -416,6 +416,9 @@ def run_trace(
                      for q in range(len(queries))]
             samples, scanned = scan.samples, scan.scanned
             stage = {"kind": "low_rank", "rank": rank, "rescored_per_query": rescore}
+            warnings.append(f"candidates from rank-{rank} query batching ({rescore} best and "
+                            f"worst per query), re-scored at full rank; the histogram shows "
+                            f"rank-{rank} scores")
         results = _rescore_by_chunks(model, curvature, corpus, batches, lists, rows, config,
                                      header, samples, scanned, progress)
     results["warnings"] = warnings
