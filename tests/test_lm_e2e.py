@@ -265,6 +265,12 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
     few = json.loads((tmp_path / "few" / "results.json").read_text())
     docs = {d["doc_index"] for d in few["queries"][0]["top"][0]["documents"]}
     assert world["planted_doc"] in docs
+    # Approximate (FAISS HNSW) search finds it too.
+    assert main([*trace, "--out", str(tmp_path / "ann"), "--index", str(index),
+                 "--rescore", "5", "--approximate"]) == 0
+    ann = json.loads((tmp_path / "ann" / "results.json").read_text())
+    assert ann["config"]["first_stage"]["approximate"] is True
+    assert ann["queries"][0]["top"][0]["index"] == few["queries"][0]["top"][0]["index"]
     capsys.readouterr()
     # An index of another packing is refused in one line.
     other = ["trace", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),

@@ -128,7 +128,9 @@ def _fit_options(f):
                      help="Absolute damping (default 0.1 x mean eigenvalue per layer).")(f)
     f = click.option("--curvature", default="ekfac", show_default=True,
                      type=click.Choice(["ekfac", "kfac", "diagonal", "identity"]))(f)
-    f = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))(f)
+    f = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+                     help="Sequences per batch when fitting and scanning; with many queries "
+                          "a larger batch amortizes reading their gradients.")(f)
     return f
 
 
