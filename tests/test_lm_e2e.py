@@ -78,6 +78,14 @@ def test_planted_text_ranks_first_and_scan_equals_pairwise(world, tmp_path):
     assert sum(top[0]["token_scores"]) == pytest.approx(top[0]["score"], rel=1e-3, abs=1e-3)
     bottom = results["queries"][0]["bottom"]
     assert bottom[0]["score"] == pytest.approx(float(want.total[0].min()), rel=1e-4)
+    # Sparsity from the scan's sample (every score here): share of the top 1%.
+    scores = want.total[0].double()
+    k = -(-len(scores) // 100)
+    share = float(scores.sort(descending=True).values[:k].clamp_min(0).sum() /
+                  scores.clamp_min(0).sum())
+    sparsity = results["queries"][0]["sparsity"]
+    assert sparsity["n_sample"] == len(corpus) and sparsity["power_law"] is None
+    assert sparsity["top_share"]["0.01"] == pytest.approx(share, rel=1e-4)
 
 
 def test_report_escapes_training_text(world, tmp_path):
@@ -249,11 +257,13 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
     queries = _three_queries(tmp_path)
     trace = ["trace", *common, "--queries", str(queries), "--top-k", "3", "--bottom-k", "2",
              "--no-report"]
-    assert main([*trace, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*trace, "--out", str(tmp_path / "plain"), "--power-law"]) == 0
+    assert "of the positive influence; power-law tail alpha" in capsys.readouterr().out
     n = json.loads((tmp_path / "w" / "corpus" / "metadata.json").read_text())["num_sequences"]
     assert main([*trace, "--out", str(tmp_path / "all"), "--index", str(index),
                  "--rescore", str(n)]) == 0
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert plain["queries"][0]["sparsity"]["power_law"]["alpha"] > 1
     every = json.loads((tmp_path / "all" / "results.json").read_text())
     _same_rows(plain, every, "top")
     _same_rows(plain, every, "bottom")

@@ -192,6 +192,8 @@ def fit(model_path, layers, attention, device, dtype, trust_remote_code, corpus_
 @click.option("--all-scores", is_flag=True,
               help="Also write every score to OUT/scores/ (Parquet parts).")
 @click.option("--no-report", is_flag=True, help="Skip writing report.html.")
+@click.option("--power-law", is_flag=True,
+              help="Also fit a power law to each query's score tail (about 0.5 s a query).")
 @click.option("--rank", type=click.IntRange(1), default=None,
               help="Query batching: scan with rank-K query gradients (32 is typical), then "
                    "re-score each query's best candidates at full rank.")
@@ -207,7 +209,7 @@ def fit(model_path, layers, attention, device, dtype, trust_remote_code, corpus_
 def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpus_path,
           workdir, seq_len, text_field, batch_size, curvature, damping, fisher, blocks,
           max_sequences, queries_path, out_dir, top_k, bottom_k, filter_kind, candidates,
-          all_scores, no_report, rank, index_dir, approximate, rescore, progress):
+          all_scores, no_report, power_law, rank, index_dir, approximate, rescore, progress):
     """Find the training sequences that made each query's completion more (or less) likely."""
     from datasleuth.lm.pipeline import fit_factors, run_trace, say
     from datasleuth.lm.queries import load_queries
@@ -227,7 +229,8 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
         open_corpus_index(index_dir, model, corpus)  # refuse a mismatch before fitting
     cfg = _fit_config(curvature, damping, fisher, blocks)
     curv = fit_factors(model, tracked, corpus, workdir, cfg, batch_size, max_sequences, progress)
-    tcfg = TraceConfig(top_k=top_k, bottom_k=bottom_k, batch_size=batch_size)
+    tcfg = TraceConfig(top_k=top_k, bottom_k=bottom_k, batch_size=batch_size,
+                       power_law=power_law)
     results = run_trace(model, tokenizer, corpus, curv, queries_path, out_dir, tcfg,
                         model_name=str(model_path), corpus_name=", ".join(corpus_path),
                         candidates_k=candidates if filter_kind == "bm25" else None,
@@ -328,6 +331,13 @@ def _print_summary(results: dict[str, Any], width: int = 70) -> None:
     for q in results["queries"]:
         click.echo(f"\nquery {q['id']}: {q['prompt']!r} -> {q['completion']!r}"
                    f"  ({q['n_scanned']} sequences scanned)")
+        sparsity = q.get("sparsity") or {}
+        if sparsity.get("top_share"):
+            line = (f"  top 1% of sequences hold {100 * sparsity['top_share']['0.01']:.0f}% "
+                    "of the positive influence")
+            if sparsity.get("power_law"):
+                line += f"; power-law tail alpha = {sparsity['power_law']['alpha']:.2f}"
+            click.echo(line)
         for row in q["top"][:5]:
             text = "".join(row["tokens"]).replace("\n", " ")
             flag = "  [spurious]" if row["spurious"] else ""

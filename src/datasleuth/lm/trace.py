@@ -47,6 +47,7 @@ class TraceConfig:
     batch_size: int = 8
     histogram_bins: int = 40
     histogram_sample: int = 50_000
+    power_law: bool = False  # fit a power law to each query's score tail (≈ 0.5 s a query)
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.bottom_k < 0:
@@ -325,6 +326,29 @@ def _histogram(sample: list[float], bins: int) -> dict[str, list]:
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
+def _sparsity(sample: list[float], power_law: bool, max_fit: int = 2000) -> dict[str, Any]:
+    """Heavy-tail summary of a query's scores (METHOD.md §8) from the scan's uniform sample.
+
+    ``top_share``: share of the positive influence held by the top 0.1%, 1% and 10% of
+    sequences. With ``power_law``, a Clauset et al. fit on at most ``max_fit`` evenly
+    spaced points of the sample (the fit's cost grows quickly with its size).
+    """
+    from datasleuth.evaluation.sparsity import MIN_TAIL_POINTS, fit_power_law, top_share
+
+    out: dict[str, Any] = {"n_sample": len(sample), "top_share": None, "power_law": None}
+    arr = np.asarray(sample, dtype=np.float64)
+    if arr.size and (arr > 0).any():
+        out["top_share"] = {str(f): float(top_share(arr, f)) for f in (0.001, 0.01, 0.1)}
+    if power_law:
+        thin = arr[:: max(1, arr.size // max_fit)]
+        if (thin > 0).sum() >= MIN_TAIL_POINTS:
+            fit = fit_power_law(thin)
+            out["power_law"] = {"alpha": fit.alpha, "xmin": fit.xmin,
+                                "ks_distance": fit.ks_distance, "n_tail": fit.n_tail,
+                                "lognormal_R": fit.lognormal_R, "lognormal_p": fit.lognormal_p}
+    return out
+
+
 def trace_details(
     model: nn.Module,
     preconditioned: dict[str, Tensor],
@@ -375,6 +399,7 @@ def trace_details(
             "completion": query["completion"],
             "completion_tokens": list(query.get("completion_tokens", [])),
             "score_histogram": _histogram(scan.samples[q], config.histogram_bins),
+            "sparsity": _sparsity(scan.samples[q], config.power_law),
             "n_scanned": int(scan.scanned[q]),
             "layer_names": layer_names,
             "top": [sequence(r + 1, i, s, ly) for r, (i, s, ly) in enumerate(top_rows)],
