@@ -345,3 +345,21 @@ def test_self_influence_command_flags_a_corrupt_document(world, tmp_path, capsys
     assert table[layers].sum(axis=1).to_numpy() == pytest.approx(
         table["self_influence"].to_numpy(), rel=1e-6)
     assert "top 5 of" in capsys.readouterr().out
+
+
+def test_cli_refuses_inputs_longer_than_the_model_context(world, tmp_path, capsys):
+    from datasleuth.lm.model import context_length
+
+    limit = context_length(world["model"])
+    assert limit is not None
+    args = ["trace", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+            "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--no-progress"]
+    code = main([*args, "--queries", str(world["queries"]), "--seq-len", str(limit + 1)])
+    assert code == 2 and f"context of {limit} tokens" in _error_line(capsys)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "moon " * (2 * limit), "completion": " end"}) + "\n")
+    code = main([*args, "--queries", str(long), "--seq-len", "32"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "tokens long" in err[-1]
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -127,7 +127,7 @@ def test_encode_errors() -> None:
     with pytest.raises(DatasleuthError, match=r"query 'q' \(line 4\): the completion '   ' "
                                               r"encodes to zero tokens"):
         encode_queries([Query("hello", "   ", "q", 4)], words)
-    with pytest.raises(DatasleuthError, match=r"3 tokens long, more than max_length=2; shorten"):
+    with pytest.raises(DatasleuthError, match=r"3 tokens long, more than the 2 the model takes"):
         encode_queries([Query("hello world", "hello", "q")], words, max_length=2)
     with pytest.raises(DatasleuthError, match="prompt is empty.*non-empty prompt"):
         encode_queries([Query("", "hello", "q")], words)

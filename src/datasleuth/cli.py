@@ -18,6 +18,8 @@ from datasleuth.errors import DatasleuthError
 
 __all__ = ["main", "cli"]
 
+DEFAULT_SEQ_LEN = 512
+
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if not value:
@@ -107,8 +109,9 @@ def _model_options(f):
 def _corpus_options(f):
     f = click.option("--text-field", default="text", show_default=True,
                      help="Field holding the text in JSONL/Parquet/Arrow corpora.")(f)
-    f = click.option("--seq-len", default=512, show_default=True, type=click.IntRange(2),
-                     help="Tokens per packed training sequence.")(f)
+    f = click.option("--seq-len", default=None, type=click.IntRange(2),
+                     help="Tokens per packed training sequence [default: 512, or the "
+                          "model's context if shorter].")(f)
     f = click.option("--corpus", "corpus_path", required=True, multiple=True,
                      type=click.Path(), help="JSONL/Parquet/Arrow/text file or folder.")(f)
     f = click.option("--workdir", default="datasleuth-work", show_default=True,
@@ -137,11 +140,17 @@ def _fit_options(f):
 def _setup(model_path, layers, attention, dtype, device, trust_remote_code, corpus_path,
            workdir, seq_len, text_field, progress):
     from datasleuth.distributed import local_device
-    from datasleuth.lm.model import default_layers, load_model
+    from datasleuth.lm.model import context_length, default_layers, load_model
     from datasleuth.lm.pipeline import prepare_corpus
 
     model, tokenizer = load_model(model_path, dtype=dtype, device=local_device(device),
                                   trust_remote_code=trust_remote_code)
+    limit = context_length(model)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+    if limit is not None and seq_len > limit:
+        raise DatasleuthError(f"--seq-len {seq_len} is longer than the model's context of "
+                              f"{limit} tokens; pass --seq-len {limit} or less")
     tracked = default_layers(model, include=layers or None, attention=attention)
     paths = [Path(p) for p in corpus_path]
     corpus = prepare_corpus(paths if len(paths) > 1 else paths[0], tokenizer, workdir, seq_len,
@@ -215,7 +224,7 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
     from datasleuth.lm.queries import load_queries
     from datasleuth.lm.trace import TraceConfig
 
-    load_queries(queries_path)  # fail fast on a bad query file, before any heavy work
+    queries = load_queries(queries_path)  # fail fast on bad queries, before any heavy work
     if index_dir is not None and (rank is not None or filter_kind != "none"):
         raise DatasleuthError("--index finds candidates by itself; drop --rank and --filter")
     if approximate and index_dir is None:
@@ -223,6 +232,10 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
     model, tokenizer, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
                                                trust_remote_code, corpus_path, workdir,
                                                seq_len, text_field, progress)
+    from datasleuth.lm.model import context_length
+    from datasleuth.lm.queries import encode_queries
+
+    encode_queries(queries, tokenizer, max_length=context_length(model))  # too long: refuse
     if index_dir is not None:
         from datasleuth.lm.pipeline import open_corpus_index
 

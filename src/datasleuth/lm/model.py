@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,21 @@ from torch import nn
 from datasleuth.errors import DatasleuthError
 from datasleuth.hooks import TrackedLayer, find_layers
 
-__all__ = ["load_model", "default_layers", "MLP_PATTERNS", "ATTENTION_PATTERNS"]
+__all__ = ["load_model", "default_layers", "context_length", "MLP_PATTERNS",
+           "ATTENTION_PATTERNS"]
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                 "seq_length")
+
+
+def context_length(model: Any) -> int | None:
+    """The longest input the model's config admits (``None`` if it does not say)."""
+    config = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 # Module-name globs of feed-forward linear layers across common architectures:
 # GPT-2 (mlp.c_fc, mlp.c_proj), Llama/Mistral/Qwen (mlp.gate/up/down_proj),

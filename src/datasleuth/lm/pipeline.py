@@ -34,6 +34,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.hooks import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus, pack_corpus
+from datasleuth.lm.model import context_length
 from datasleuth.lm.queries import Query, collate_queries, encode_queries, load_queries
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig, scan_corpus, trace_details
@@ -49,6 +50,7 @@ __all__ = [
     "query_batches",
     "bm25_candidates",
     "build_corpus_index",
+    "check_context",
     "open_corpus_index",
     "run_trace",
     "run_self_influence",
@@ -88,6 +90,14 @@ def prepare_corpus(
         return corpus
 
 
+def check_context(model: nn.Module, corpus: PackedCorpus) -> None:
+    """Refuse packed sequences longer than the model's context, before any work."""
+    limit = context_length(model)
+    if limit is not None and corpus.seq_len > limit:
+        raise DatasleuthError(f"--seq-len {corpus.seq_len} is longer than the model's context of "
+                              f"{limit} tokens; pass --seq-len {limit} or less")
+
+
 def _corpus_loader(corpus: PackedCorpus, batch_size: int, limit: int | None) -> DataLoader:
     """This process's block of the first ``limit`` sequences (all of them alone)."""
     n = len(corpus) if limit is None else min(limit, len(corpus))
@@ -105,6 +115,7 @@ def fit_factors(
     progress: bool = True,
 ) -> Curvature:
     """Fit curvature on the packed corpus, or reuse ``workdir/factors-<kind>.safetensors``."""
+    check_context(model, corpus)
     path = Path(workdir) / f"factors-{config.curvature}.safetensors"
     expect = {"config": asdict(config), "corpus_fingerprint": corpus.fingerprint,
               "max_sequences": max_sequences}
@@ -192,6 +203,7 @@ def build_corpus_index(
     if active():
         raise DatasleuthError("`datasleuth index` runs in one process; start it without "
                               "torchrun (trace --index may use many)")
+    check_context(model, corpus)
     directory = Path(directory)
     side = directory / _INDEX_CORPUS
     if side.is_file():
@@ -361,7 +373,9 @@ def run_trace(
         if previous.get("input_digest") == key:
             say(f"reusing {results_path} (same model, corpus, factors, queries and settings)")
             return previous
-    encoded, batches = query_batches(queries, tokenizer, config.batch_size)
+    check_context(model, corpus)
+    encoded, batches = query_batches(queries, tokenizer, config.batch_size,
+                                     max_length=context_length(model))
     warnings = []
     candidates = None
     if candidates_k is not None:
@@ -455,6 +469,7 @@ def run_self_influence(
 
     if active():
         raise DatasleuthError("self-influence runs in one process; start it without torchrun")
+    check_context(model, corpus)
     task = CausalLMTask()
     loader = DataLoader(list(range(len(corpus))), batch_size=batch_size,
                         collate_fn=corpus.collate)

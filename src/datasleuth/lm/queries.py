@@ -176,8 +176,8 @@ def encode_queries(
         ids = head + comp_ids
         if max_length is not None and len(ids) > max_length:
             raise DatasleuthError(
-                f"{where} is {len(ids)} tokens long, more than max_length={max_length}; shorten "
-                "the prompt or raise max_length"
+                f"{where} is {len(ids)} tokens long, more than the {max_length} the model "
+                "takes; shorten the prompt or the completion"
             )
         labels = [-100] * len(head) + comp_ids
         out.append({
