@@ -363,3 +363,11 @@ def test_cli_refuses_inputs_longer_than_the_model_context(world, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "tokens long" in err[-1]
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_cli_refuses_a_device_it_does_not_have(world, tmp_path, capsys):
+    bad = "cuda" if not torch.cuda.is_available() else "cuda:99"
+    for device, expect in ((bad, "CUDA"), ("tpu", "not a torch device")):
+        code = main(["fit", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+                     "--device", device, "--workdir", str(tmp_path / "w"), "--no-progress"])
+        assert code == 2 and expect in _error_line(capsys)

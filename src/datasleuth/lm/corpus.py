@@ -172,7 +172,7 @@ def _check_columns(columns: Sequence[str] | None, text_field: str, where: str) -
     if columns is not None and text_field not in columns:
         raise DatasleuthError(
             f"{where} has no field {text_field!r} (fields: {', '.join(columns) or 'none'}); "
-            "pass the right one with text_field"
+            "pass the right one with --text-field (text_field= in Python)"
         )
 
 
@@ -438,7 +438,7 @@ def _iter_batches(
             if field not in item:
                 raise DatasleuthError(
                     f"document {pos} has no field {text_field!r} (fields: {', '.join(item)}); "
-                    "pass the right one with text_field"
+                    "pass the right one with --text-field (text_field= in Python)"
                 )
             batch.append((int(item.get("doc_index", pos)), item[field]))
         else:

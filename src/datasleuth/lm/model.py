@@ -21,7 +21,7 @@ from torch import nn
 from datasleuth.errors import DatasleuthError
 from datasleuth.hooks import TrackedLayer, find_layers
 
-__all__ = ["load_model", "default_layers", "context_length", "MLP_PATTERNS",
+__all__ = ["load_model", "default_layers", "context_length", "check_device", "MLP_PATTERNS",
            "ATTENTION_PATTERNS"]
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
@@ -55,6 +55,26 @@ _NEVER_BY_DEFAULT = ("lm_head", "*.lm_head", "*embed_out", "*.wte", "*.embed_tok
 _LORA = ("*.lora_A.*", "*.lora_B.*")
 
 
+def check_device(device: str) -> torch.device:
+    """Parse ``device`` and refuse one this torch build or machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise DatasleuthError(f"--device {device!r} is not a torch device ({e}); use e.g. cpu "
+                              "or cuda:0") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DatasleuthError(f"--device {device} asked for CUDA, but this torch "
+                                  f"({torch.__version__}) sees no CUDA device; use --device cpu "
+                                  "or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DatasleuthError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                                  "device(s) here; pick an index below that")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DatasleuthError(f"--device {device} is not available here; use --device cpu")
+    return dev
+
+
 def load_model(
     path: str | Path,
     *,
@@ -65,6 +85,7 @@ def load_model(
     """(model in eval mode, tokenizer) from a local checkpoint or PEFT adapter folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     path = Path(path)
     if not path.is_dir():
         raise DatasleuthError(
