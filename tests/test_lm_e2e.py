@@ -371,3 +371,15 @@ def test_cli_refuses_a_device_it_does_not_have(world, tmp_path, capsys):
         code = main(["fit", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
                      "--device", device, "--workdir", str(tmp_path / "w"), "--no-progress"])
         assert code == 2 and expect in _error_line(capsys)
+
+
+def test_damaged_packed_corpus_is_packed_again(world, tmp_path, capsys):
+    tok = world["tokenizer"]
+    first = prepare_corpus(world["corpus"], tok, tmp_path / "w", 32, progress=False)
+    want = [first.input_ids(i).tolist() for i in range(len(first))]
+    tokens = tmp_path / "w" / "corpus" / "tokens.safetensors"
+    tokens.write_bytes(tokens.read_bytes()[:200])
+    capsys.readouterr()
+    again = prepare_corpus(world["corpus"], tok, tmp_path / "w", 32, progress=False)
+    assert "packing again" in capsys.readouterr().err
+    assert [again.input_ids(i).tolist() for i in range(len(again))] == want

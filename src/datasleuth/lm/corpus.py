@@ -522,9 +522,18 @@ def _write_safetensors(
 def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Memory-map every tensor of a safetensors file as a read-only numpy array."""
     dtypes = {"I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        last = max((s["data_offsets"][1] for k, s in header.items() if k != "__metadata__"),
+                   default=0)
+        if 8 + n + last > size:
+            raise ValueError(f"{size} bytes, the header promises {8 + n + last}")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise DatasleuthError(f"{path} is damaged ({e}); delete {path.parent} so the corpus "
+                              "is packed again") from e
     out = {}
     for name, spec in header.items():
         if name == "__metadata__":

@@ -80,9 +80,15 @@ def prepare_corpus(
     target = Path(workdir) / "corpus"
     with rank_zero_first():  # under torchrun, rank 0 packs and the others reuse it
         if PackedCorpus.matches(target, corpus_path, tokenizer, seq_len, text_field=text_field):
-            corpus = PackedCorpus.load(target)
-            say(f"reusing packed corpus {target} ({len(corpus)} sequences of {seq_len} tokens)")
-            return corpus
+            try:
+                corpus = PackedCorpus.load(target)
+                if len(corpus):
+                    corpus.input_ids(len(corpus) - 1)  # opens the token file: damaged?
+                say(f"reusing packed corpus {target} ({len(corpus)} sequences of {seq_len} "
+                    "tokens)")
+                return corpus
+            except DatasleuthError as e:
+                say(f"packing again: {e}")
         corpus = pack_corpus(corpus_path, tokenizer, seq_len=seq_len, output_dir=target,
                              progress=progress, text_field=text_field)
         say(f"packed {corpus.num_documents} documents into {len(corpus)} sequences of "
