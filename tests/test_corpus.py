@@ -310,7 +310,7 @@ def test_reading_errors(tmp_path: Path, cache: Path) -> None:
         load_documents(csv, cache_dir=cache)
     j = tmp_path / "fields.jsonl"
     j.write_text(json.dumps({"content": "a", "url": "u"}) + "\n")
-    fields = r"no field 'text' \(fields: content, url\); pass the right one with text_field"
+    fields = r"no field 'text' \(fields: content, url\); pass the right one with --text-field"
     with pytest.raises(DatasleuthError, match=fields):
         load_documents(j, cache_dir=cache)
     with pytest.raises(DatasleuthError, match=fields):
