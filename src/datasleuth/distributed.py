@@ -19,6 +19,7 @@ they live on (gloo for CPU, NCCL for CUDA).
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -117,7 +118,8 @@ def init_from_environment() -> bool:
     """Join the process group ``torchrun`` describes (WORLD_SIZE > 1); True if joined.
 
     The backend is NCCL when CUDA is available, else gloo; ``DATASLEUTH_DIST_BACKEND``
-    overrides it.
+    overrides it. Collectives wait up to ``DATASLEUTH_DIST_TIMEOUT`` seconds (default a
+    day): the other ranks wait at a barrier while rank 0 packs a large corpus.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return False
@@ -126,7 +128,8 @@ def init_from_environment() -> bool:
             "nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        seconds = float(os.environ.get("DATASLEUTH_DIST_TIMEOUT", 86_400))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return True
 
 
