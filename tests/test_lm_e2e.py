@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -294,21 +296,40 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
     assert "--index" in _error_line(capsys)
 
 
-def test_torchrun_two_processes_write_the_one_process_result(world, tmp_path):
-    import subprocess
-    import sys
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATASLEUTH_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "datasleuth.cli", *args], capture_output=True, text=True, env=env, timeout=600)
 
+
+def test_torchrun_self_influence_equals_one_process(world, tmp_path):
+    args = ["self-influence", "--model", str(world["model_dir"]), "--corpus",
+            str(world["corpus"]), "--seq-len", "32", "--fisher", "empirical", "--top-k", "6",
+            "--no-progress"]
+    assert main([*args, "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "one")]) == 0
+    run = _torchrun([*args, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = pd.read_parquet(tmp_path / "one" / "self_influence.parquet")
+    two = pd.read_parquet(tmp_path / "two" / "self_influence.parquet")
+    assert one["sequence"].tolist() == two["sequence"].tolist()
+    for column in one.columns:
+        assert two[column].to_numpy() == pytest.approx(one[column].to_numpy(), rel=1e-5,
+                                                       abs=1e-8), column
+    top = [r["index"] for r in json.loads((tmp_path / "two" / "self_influence.json")
+                                          .read_text())["top"]]
+    assert top == [r["index"] for r in json.loads((tmp_path / "one" / "self_influence.json")
+                                                  .read_text())["top"]]
+    assert run.stdout.count("by self-influence") == 1
+
+
+def test_torchrun_two_processes_write_the_one_process_result(world, tmp_path):
     queries = _three_queries(tmp_path)
     args = ["trace", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
             "--queries", str(queries), "--seq-len", "32", "--top-k", "4", "--bottom-k", "2",
             "--fisher", "empirical", "--no-report", "--no-progress", "--all-scores"]
     assert main([*args, "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "DATASLEUTH_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "datasleuth.cli", *args, "--workdir", str(tmp_path / "w2"),
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=600)
+    run = _torchrun([*args, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())

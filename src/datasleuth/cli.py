@@ -321,6 +321,10 @@ def self_influence_command(model_path, layers, attention, device, dtype, trust_r
     cfg = _fit_config(curvature, damping, fisher, blocks)
     curv = fit_factors(model, tracked, corpus, workdir, cfg, batch_size, max_sequences, progress)
     doc = run_self_influence(model, corpus, curv, out_dir, top_k, batch_size, progress)
+    from datasleuth.distributed import world
+
+    if world()[0] != 0:
+        return
     click.echo(f"\ntop {len(doc['top'])} of {doc['n_sequences']} sequences by self-influence "
                "(loss rank in brackets):")
     for row in doc["top"]:

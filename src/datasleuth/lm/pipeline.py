@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from datasleuth.curvature import Curvature
-from datasleuth.distributed import active, barrier, rank_zero_first, shard, world
+from datasleuth.distributed import active, barrier, gather_objects, rank_zero_first, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.hooks import TrackedLayer
@@ -466,27 +466,37 @@ def run_self_influence(
     data: mislabeled, corrupt or unusual text (Koh & Liang 2017; Grosse et al. 2023).
     Writes ``OUT/self_influence.parquet`` (every sequence: score, per-layer scores and
     training loss, the simpler baseline) and ``OUT/self_influence.json`` (the top-k
-    with their text and source documents); returns the latter.
+    with their text and source documents); returns the latter. Under torch.distributed
+    each process scores its block of the corpus and rank 0 writes the files.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from datasleuth.scoring import self_influence
+    from datasleuth.scoring import Scores, self_influence
 
-    if active():
-        raise DatasleuthError("self-influence runs in one process; start it without torchrun")
     check_context(model, corpus)
     task = CausalLMTask()
-    loader = DataLoader(list(range(len(corpus))), batch_size=batch_size,
-                        collate_fn=corpus.collate)
-    scores = self_influence(model, task, curvature, loader, progress=progress)
+    block = list(shard(len(corpus)))  # this process's sequences (all of them alone)
+    loader = DataLoader(block, batch_size=batch_size, collate_fn=corpus.collate)
     device = next(model.parameters()).device
-    losses = []
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            losses.append(task.loss(model, batch).double().cpu())
-    loss = torch.cat(losses)
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    names: list[str] = list(curvature.layer_names)
+    if block:
+        scores = self_influence(model, task, curvature, loader, progress=progress)
+        names = scores.layer_names
+        losses = []
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                losses.append(task.loss(model, batch).double().cpu())
+        parts.append((scores.total.double(), scores.per_layer.double(), torch.cat(losses)))
+    gathered = [p for ps in gather_objects(parts) for p in ps]  # blocks in rank order
+    scores = Scores(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
+                    names)
+    loss = torch.cat([g[2] for g in gathered])
+    if world()[0] != 0:
+        barrier()
+        return {"top": [], "n_sequences": len(corpus)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cols = {"sequence": pa.array(np.arange(len(corpus), dtype=np.int64)),
@@ -509,4 +519,5 @@ def run_self_influence(
            "curvature": curvature.metadata.get("config"), "layer_names": scores.layer_names,
            "n_sequences": len(corpus), "top": rows}
     write_json(out / "self_influence.json", doc)
+    barrier()
     return doc
