@@ -18,3 +18,14 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "torch.Size([4, 200]) torch.Size([4, 200, 2])" in out
     assert out.count("training example") == 3
     assert (tmp_path / "factors.safetensors").is_file()
+
+
+def test_readme_language_model_example_runs(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    lm = [b for b in blocks if "datasleuth.lm" in b]
+    assert lm, "the README has no language-model example"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(lm[0], "README.md", "exec"), {"__name__": "readme"})
+    index, score, _ = capsys.readouterr().out.strip().splitlines()[-1].split(" ", 2)
+    assert int(index) >= 0 and float(score) > 0
+    assert (tmp_path / "out" / "results.json").is_file()
