@@ -67,6 +67,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--proj-dim", type=int, default=16)
+    p.add_argument("--more-proj-dims", default="32,64",
+                   help="also report agreement of indexes with these projection sizes")
     p.add_argument("--full-queries", default="1,16",
                    help="query counts for the full-rank scan (256 needs Q x P x M memory)")
     p.add_argument("--rounds", type=int, default=3)
@@ -249,6 +251,15 @@ def main() -> None:
                              for a, b in zip(exact_i, ann_i))
     shapes = {ly.name: ly.grad_shape for ly in layers}
     bytes_per_seq = index.dim * 2
+    wider = {}  # agreement of larger projections (the same build, other directories)
+    for dim in [int(x) for x in args.more_proj_dims.split(",") if x]:
+        other = os.path.join(tmp.name, f"k{dim}")
+        cfg_k = IndexConfig(k_in=dim, k_out=dim, dtype="float16", shard_size=icfg.shard_size)
+        gi = build_index(model, task, items, layers, other, cfg_k, batch_size=args.batch_size,
+                         collate_fn=collate, progress=False)
+        fit_projected_curvature(model, task, batches, gi, progress=False)
+        got = gi.scores(gi.precondition_queries(model, task, q_all[:1]).float())
+        wider[dim] = (got, gi.dim * 2)
 
     print(f"\nGPT-2 {args.n_layer}x{args.n_embd}, {args.n_seq} sequences x {args.seq_len} "
           f"tokens, {len(layers)} MLP layers tracked, device {device}, "
@@ -268,8 +279,11 @@ def main() -> None:
     print("|---|---:|---:|")
     print(f"| rank-{args.rank} query batching | {_pearson_rows(lowr, ref):.4f} | "
           f"{top_k_overlap(lowr, ref, k):.3f} |")
-    print(f"| projected index ({args.proj_dim}x{args.proj_dim}) | "
+    print(f"| projected index ({args.proj_dim}x{args.proj_dim}, {bytes_per_seq} B/sequence) | "
           f"{_pearson_rows(idx_scores, ref):.4f} | {top_k_overlap(idx_scores, ref, k):.3f} |")
+    for dim, (got, size) in wider.items():
+        print(f"| projected index ({dim}x{dim}, {size} B/sequence) | "
+              f"{_pearson_rows(got, ref):.4f} | {top_k_overlap(got, ref, k):.3f} |")
     full_mib = memory_numbers(shapes, 1, None) * 4 / 2**20
     low_mib = memory_numbers(shapes, 1, args.rank) * 4 / 2**20
     print(f"\nquery memory per query (float32): full rank {full_mib:.2f} MiB, rank "
