@@ -274,3 +274,13 @@ def test_whitespace_and_control_characters_are_visible(tmp_path: Path) -> None:
     assert 'x<span class="ws">␀</span>' in html
     assert "\x00" not in html
     assert '(25% of max |score|)"> plain</span>' in html
+
+
+def test_sparsity_summary_is_shown_when_present(tmp_path: Path) -> None:
+    doc = _results()
+    plain = render_report(doc, tmp_path / "plain.html").read_text()
+    assert "Top 1% of sequences hold" not in plain
+    doc["queries"][0]["sparsity"] = {"n_sample": 10, "top_share": {"0.01": 0.375},
+                                     "power_law": {"alpha": 2.25}}
+    html = render_report(doc, tmp_path / "sparse.html").read_text()
+    assert "38% of the positive influence" in html and "2.25" in html

@@ -470,6 +470,22 @@ def _sequence_view(seq: SequenceResult, part: str, qi: int, show_note: bool) -> 
     }
 
 
+def _top_share(query: Any) -> float | None:
+    """Share of positive influence held by the top 1% (optional ``sparsity`` field)."""
+    sparsity = query.get("sparsity") if isinstance(query, dict) else None
+    shares = sparsity.get("top_share") if isinstance(sparsity, dict) else None
+    value = shares.get("0.01") if isinstance(shares, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _alpha(query: Any) -> float | None:
+    """Power-law exponent of the score tail, if the trace fitted one."""
+    sparsity = query.get("sparsity") if isinstance(query, dict) else None
+    fit = sparsity.get("power_law") if isinstance(sparsity, dict) else None
+    value = fit.get("alpha") if isinstance(fit, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _query_view(query: QueryResult, qi: int) -> dict:
     seqs = list(query["top"]) + list(query["bottom"])
     notes = {s["token_offset_note"] for s in seqs}
@@ -491,6 +507,8 @@ def _query_view(query: QueryResult, qi: int) -> dict:
             [float(s["score"]) for s in query["bottom"]],
         ),
         "hist_total": sum(int(c) for c in hist["counts"]),
+        "top_share": _top_share(query),
+        "alpha": _alpha(query),
         "n_spurious": sum(bool(s["spurious"]) for s in seqs),
         "top": [_sequence_view(s, "top", qi, shared_note is None) for s in query["top"]],
         "bottom": [_sequence_view(s, "bottom", qi, shared_note is None) for s in query["bottom"]],
