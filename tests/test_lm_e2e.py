@@ -404,3 +404,16 @@ def test_damaged_packed_corpus_is_packed_again(world, tmp_path, capsys):
     again = prepare_corpus(world["corpus"], tok, tmp_path / "w", 32, progress=False)
     assert "packing again" in capsys.readouterr().err
     assert [again.input_ids(i).tolist() for i in range(len(again))] == want
+
+
+def test_streaming_corpus_packs_the_same(world, tmp_path):
+    common = ["fit", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+              "--seq-len", "32", "--curvature", "identity", "--no-progress"]
+    assert main([*common, "--workdir", str(tmp_path / "a")]) == 0
+    assert main([*common, "--workdir", str(tmp_path / "b"), "--streaming"]) == 0
+    a = prepare_corpus(world["corpus"], world["tokenizer"], tmp_path / "a", 32, progress=False)
+    b = prepare_corpus(world["corpus"], world["tokenizer"], tmp_path / "b", 32, progress=False)
+    assert a.fingerprint == b.fingerprint and len(a) == len(b)
+    for i in range(len(a)):
+        assert torch.equal(a.input_ids(i), b.input_ids(i))
+        assert a.segments(i) == b.segments(i)

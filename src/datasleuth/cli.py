@@ -107,6 +107,9 @@ def _model_options(f):
 
 
 def _corpus_options(f):
+    f = click.option("--streaming", is_flag=True,
+                     help="Read the corpus files as a stream (no Arrow cache copy on disk), "
+                          "for corpora larger than the free disk.")(f)
     f = click.option("--text-field", default="text", show_default=True,
                      help="Field holding the text in JSONL/Parquet/Arrow corpora.")(f)
     f = click.option("--seq-len", default=None, type=click.IntRange(2),
@@ -138,7 +141,7 @@ def _fit_options(f):
 
 
 def _setup(model_path, layers, attention, dtype, device, trust_remote_code, corpus_path,
-           workdir, seq_len, text_field, progress):
+           workdir, seq_len, text_field, progress, streaming=False):
     from datasleuth.distributed import local_device
     from datasleuth.lm.model import context_length, default_layers, load_model
     from datasleuth.lm.pipeline import prepare_corpus
@@ -154,7 +157,7 @@ def _setup(model_path, layers, attention, dtype, device, trust_remote_code, corp
     tracked = default_layers(model, include=layers or None, attention=attention)
     paths = [Path(p) for p in corpus_path]
     corpus = prepare_corpus(paths if len(paths) > 1 else paths[0], tokenizer, workdir, seq_len,
-                            text_field, progress)
+                            text_field, progress, streaming)
     return model, tokenizer, tracked, corpus
 
 
@@ -171,12 +174,12 @@ def _fit_config(curvature, damping, fisher, blocks):
 @_fit_options
 @progress_option
 def fit(model_path, layers, attention, device, dtype, trust_remote_code, corpus_path, workdir,
-        seq_len, text_field, batch_size, curvature, damping, fisher, blocks, max_sequences,
-        progress):
+        seq_len, text_field, streaming, batch_size, curvature, damping, fisher, blocks,
+        max_sequences, progress):
     """Fit curvature factors (EK-FAC by default) for a model on its corpus."""
     model, _, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
                                        trust_remote_code, corpus_path, workdir, seq_len,
-                                       text_field, progress)
+                                       text_field, progress, streaming)
     from datasleuth.lm.pipeline import fit_factors
 
     cfg = _fit_config(curvature, damping, fisher, blocks)
@@ -216,7 +219,7 @@ def fit(model_path, layers, attention, device, dtype, trust_remote_code, corpus_
                    "(at least --top-k).")
 @progress_option
 def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpus_path,
-          workdir, seq_len, text_field, batch_size, curvature, damping, fisher, blocks,
+          workdir, seq_len, text_field, streaming, batch_size, curvature, damping, fisher, blocks,
           max_sequences, queries_path, out_dir, top_k, bottom_k, filter_kind, candidates,
           all_scores, no_report, power_law, rank, index_dir, approximate, rescore, progress):
     """Find the training sequences that made each query's completion more (or less) likely."""
@@ -231,7 +234,7 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
         raise DatasleuthError("--approximate only applies to --index DIR; add --index")
     model, tokenizer, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
                                                trust_remote_code, corpus_path, workdir,
-                                               seq_len, text_field, progress)
+                                               seq_len, text_field, progress, streaming)
     from datasleuth.lm.model import context_length
     from datasleuth.lm.queries import encode_queries
 
@@ -284,7 +287,7 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
               help="Fit the projected curvature on at most this many sequences.")
 @progress_option
 def index_command(model_path, layers, attention, device, dtype, trust_remote_code, corpus_path,
-                  workdir, seq_len, text_field, out_dir, proj_dim, index_dtype, seed,
+                  workdir, seq_len, text_field, streaming, out_dir, proj_dim, index_dtype, seed,
                   shard_size, batch_size, fisher, max_sequences, progress):
     """Build a projected-gradient index of the corpus for fast `trace --index` queries."""
     from datasleuth.lm.pipeline import build_corpus_index
@@ -292,7 +295,7 @@ def index_command(model_path, layers, attention, device, dtype, trust_remote_cod
 
     model, _, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
                                        trust_remote_code, corpus_path, workdir, seq_len,
-                                       text_field, progress)
+                                       text_field, progress, streaming)
     cfg = IndexConfig(k_in=proj_dim, k_out=proj_dim, seed=seed, dtype=index_dtype,
                       shard_size=shard_size)
     build_corpus_index(model, tracked, corpus, out_dir, cfg, batch_size=batch_size,
@@ -310,14 +313,15 @@ def index_command(model_path, layers, attention, device, dtype, trust_remote_cod
 @click.option("--top-k", default=20, show_default=True, type=click.IntRange(1))
 @progress_option
 def self_influence_command(model_path, layers, attention, device, dtype, trust_remote_code,
-                           corpus_path, workdir, seq_len, text_field, batch_size, curvature,
-                           damping, fisher, blocks, max_sequences, out_dir, top_k, progress):
+                           corpus_path, workdir, seq_len, text_field, streaming, batch_size,
+                           curvature, damping, fisher, blocks, max_sequences, out_dir, top_k,
+                           progress):
     """Rank training sequences by self-influence: candidates for corrupt or odd data."""
     from datasleuth.lm.pipeline import fit_factors, run_self_influence, say
 
     model, _, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
                                        trust_remote_code, corpus_path, workdir, seq_len,
-                                       text_field, progress)
+                                       text_field, progress, streaming)
     cfg = _fit_config(curvature, damping, fisher, blocks)
     curv = fit_factors(model, tracked, corpus, workdir, cfg, batch_size, max_sequences, progress)
     doc = run_self_influence(model, corpus, curv, out_dir, top_k, batch_size, progress)

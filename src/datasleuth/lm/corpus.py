@@ -632,6 +632,7 @@ def pack_corpus(
     progress: bool = True,
     separator_token_id: int | None = None,
     text_field: str = "text",
+    streaming: bool = False,
 ) -> PackedCorpus:
     """Tokenise documents, join them with EOS and cut the stream into ``seq_len`` rows.
 
@@ -657,8 +658,8 @@ def pack_corpus(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
     info = tokenizer_info(tokenizer)
     sources: list[str] | None = None
-    if _is_paths(documents):
-        documents = load_documents(documents, text_field=text_field)
+    if _is_paths(documents):  # streaming: read the files as they are, no Arrow cache copy
+        documents = load_documents(documents, text_field=text_field, streaming=streaming)
     sources = getattr(documents, _SOURCES_ATTR, None)
     content = _ContentHash()
 

@@ -75,8 +75,13 @@ def prepare_corpus(
     seq_len: int = 512,
     text_field: str = "text",
     progress: bool = True,
+    streaming: bool = False,
 ) -> PackedCorpus:
-    """Pack the corpus into ``workdir/corpus``, or reuse a packing of the same inputs."""
+    """Pack the corpus into ``workdir/corpus``, or reuse a packing of the same inputs.
+
+    ``streaming`` reads the files as a stream instead of through the ``datasets`` Arrow
+    cache (which copies the corpus to disk once); the packing is the same.
+    """
     target = Path(workdir) / "corpus"
     with rank_zero_first():  # under torchrun, rank 0 packs and the others reuse it
         if PackedCorpus.matches(target, corpus_path, tokenizer, seq_len, text_field=text_field):
@@ -90,7 +95,7 @@ def prepare_corpus(
             except DatasleuthError as e:
                 say(f"packing again: {e}")
         corpus = pack_corpus(corpus_path, tokenizer, seq_len=seq_len, output_dir=target,
-                             progress=progress, text_field=text_field)
+                             progress=progress, text_field=text_field, streaming=streaming)
         say(f"packed {corpus.num_documents} documents into {len(corpus)} sequences of "
             f"{seq_len} tokens -> {target}")
         return corpus
