@@ -250,7 +250,7 @@ def main() -> None:
     recall = statistics.mean(len(set(a.tolist()) & set(b.tolist())) / k
                              for a, b in zip(exact_i, ann_i))
     shapes = {ly.name: ly.grad_shape for ly in layers}
-    bytes_per_seq = index.dim * 2
+    bytes_per_seq = index.bytes_per_row
     wider = {}  # agreement of larger projections (the same build, other directories)
     for dim in [int(x) for x in args.more_proj_dims.split(",") if x]:
         other = os.path.join(tmp.name, f"k{dim}")
@@ -259,7 +259,7 @@ def main() -> None:
                          collate_fn=collate, progress=False)
         fit_projected_curvature(model, task, batches, gi, progress=False)
         got = gi.scores(gi.precondition_queries(model, task, q_all[:1]).float())
-        wider[dim] = (got, gi.dim * 2)
+        wider[dim] = (got, gi.bytes_per_row)
 
     print(f"\nGPT-2 {args.n_layer}x{args.n_embd}, {args.n_seq} sequences x {args.seq_len} "
           f"tokens, {len(layers)} MLP layers tracked, device {device}, "

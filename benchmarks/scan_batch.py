@@ -1,11 +1,10 @@
 """Many full-rank queries for about the price of one: the scan's batch size.
 
 The full-rank scan reads every query's preconditioned gradient (Q × P × (M+1) numbers
-per layer) once per training batch, so with hundreds of queries it is bound by memory
-traffic at small batches and the cost is amortized by larger ones. On a random GPT-2
-(4 blocks, width 256, MLP layers tracked) and 256 sequences × 128 tokens, prints for
-each batch size the time of one plain training forward+backward pass and of the scan
-against 256 queries, side by side in one run.
+per layer) once per training batch; larger batches spread that over more sequences.
+On a random GPT-2 (4 blocks, width 256, MLP layers tracked) and 256 sequences × 128
+tokens, prints for each batch size the time of one plain training forward+backward
+pass and of the scan against 256 queries, side by side in one run.
 
     python benchmarks/scan_batch.py
 """

@@ -257,8 +257,6 @@ def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup):
            for path in ("tokens", "reconstruct", "auto")}
     torch.testing.assert_close(got["reconstruct"], got["tokens"], rtol=0, atol=1e-10)
     torch.testing.assert_close(got["auto"], got["tokens"], rtol=0, atol=1e-10)
-    dense = queries.dense()
-    assert ref.total.abs().max() > 1e-3
+    assert got["tokens"].abs().max() > 1e-3  # not a comparison of near-zero numbers
     with pytest.raises(DatasleuthError, match="path must be one of"):
         low_rank_scores(model, task, queries, _awkward(seqs), progress=False, path="fast")
-    assert set(dense) == set(pre)

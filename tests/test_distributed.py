@@ -88,6 +88,7 @@ def _worker(rank: int, size: int, root: str) -> None:
                "samples": scan.samples, "scanned": scan.scanned}
         (root_path / f"scan-rank{rank}.json").write_text(json.dumps(out))
     finally:
+        dist.barrier()
         dist.destroy_process_group()
 
 

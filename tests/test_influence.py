@@ -112,6 +112,8 @@ def test_self_influence_is_diagonal_of_pairwise(mlp_data):
     torch.testing.assert_close(selfi.total, torch.diagonal(pair.total))
     torch.testing.assert_close(selfi.per_layer, torch.diagonal(pair.per_layer).t())
     assert bool((selfi.total > 0).all())
+    with torch.no_grad():  # the training loss of each example comes from the same pass
+        torch.testing.assert_close(selfi.loss, F.cross_entropy(model(x), y, reduction="none"))
 
 
 def test_scores_do_not_depend_on_batch_size_or_order(mlp_data):

@@ -144,16 +144,13 @@ def _setup(model_path, layers, attention, dtype, device, trust_remote_code, corp
            workdir, seq_len, text_field, progress, streaming=False):
     from datasleuth.distributed import local_device
     from datasleuth.lm.model import context_length, default_layers, load_model
-    from datasleuth.lm.pipeline import prepare_corpus
+    from datasleuth.lm.pipeline import check_context, prepare_corpus
 
     model, tokenizer = load_model(model_path, dtype=dtype, device=local_device(device),
                                   trust_remote_code=trust_remote_code)
-    limit = context_length(model)
     if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
-    if limit is not None and seq_len > limit:
-        raise DatasleuthError(f"--seq-len {seq_len} is longer than the model's context of "
-                              f"{limit} tokens; pass --seq-len {limit} or less")
+        seq_len = min(DEFAULT_SEQ_LEN, context_length(model) or DEFAULT_SEQ_LEN)
+    check_context(model, seq_len)  # before packing
     tracked = default_layers(model, include=layers or None, attention=attention)
     paths = [Path(p) for p in corpus_path]
     corpus = prepare_corpus(paths if len(paths) > 1 else paths[0], tokenizer, workdir, seq_len,
@@ -223,15 +220,13 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
           max_sequences, queries_path, out_dir, top_k, bottom_k, filter_kind, candidates,
           all_scores, no_report, power_law, rank, index_dir, approximate, rescore, progress):
     """Find the training sequences that made each query's completion more (or less) likely."""
-    from datasleuth.lm.pipeline import fit_factors, run_trace, say
+    from datasleuth.lm.pipeline import check_trace_options, fit_factors, run_trace, say
     from datasleuth.lm.queries import load_queries
     from datasleuth.lm.trace import TraceConfig
 
     queries = load_queries(queries_path)  # fail fast on bad queries, before any heavy work
-    if index_dir is not None and (rank is not None or filter_kind != "none"):
-        raise DatasleuthError("--index finds candidates by itself; drop --rank and --filter")
-    if approximate and index_dir is None:
-        raise DatasleuthError("--approximate only applies to --index DIR; add --index")
+    candidates_k = candidates if filter_kind == "bm25" else None
+    check_trace_options(rank, index_dir, candidates_k, rescore, approximate)
     model, tokenizer, tracked, corpus = _setup(model_path, layers, attention, dtype, device,
                                                trust_remote_code, corpus_path, workdir,
                                                seq_len, text_field, progress, streaming)
@@ -249,7 +244,7 @@ def trace(model_path, layers, attention, device, dtype, trust_remote_code, corpu
                        power_law=power_law)
     results = run_trace(model, tokenizer, corpus, curv, queries_path, out_dir, tcfg,
                         model_name=str(model_path), corpus_name=", ".join(corpus_path),
-                        candidates_k=candidates if filter_kind == "bm25" else None,
+                        candidates_k=candidates_k,
                         workdir=workdir, all_scores=all_scores, rank=rank,
                         index=index_dir, rescore=rescore, approximate=approximate,
                         progress=progress)
@@ -398,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     Under ``torchrun`` (WORLD_SIZE > 1) the processes join one group: fitting and the
     scan are sharded across them, and rank 0 writes the results.
     """
+    from datasleuth.distributed import shutdown
+
+    code = _run(argv)
+    if code == 0:  # after a failure torchrun stops the other processes; don't wait for them
+        shutdown()
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     from datasleuth.distributed import init_from_environment
 
     try:

@@ -138,8 +138,8 @@ class LayerCurvature:
             self.damping,
             self.q_out.to(device) if self.q_out is not None else None,
             self.q_in.to(device) if self.q_in is not None else None,
-            self.s_eigenvalues,
-            self.a_eigenvalues,
+            self.s_eigenvalues.to(device) if self.s_eigenvalues is not None else None,
+            self.a_eigenvalues.to(device) if self.a_eigenvalues is not None else None,
         )
 
 

@@ -13,8 +13,8 @@ streams its own shard of the training data (:func:`shard`), and:
   contiguous block of the corpus per process and merges the per-query top-k, bottom-k,
   histogram samples and counts, so every process returns the single-process result.
 
-Collectives go through the default process group; tensors are reduced on the device
-they live on (gloo for CPU, NCCL for CUDA).
+Collectives go through the default process group (gloo or NCCL); with NCCL, CPU
+tensors are reduced through a copy on this process's GPU.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ __all__ = [
     "gather_objects",
     "init_from_environment",
     "local_device",
+    "rank_seed",
     "rank_zero_first",
     "shard",
+    "shutdown",
     "world",
 ]
 
@@ -63,6 +65,11 @@ def shard(n: int, rank: int | None = None, size: int | None = None) -> range:
     base, extra = divmod(n, s)
     start = r * base + min(r, extra)
     return range(start, start + base + (1 if r < extra else 0))
+
+
+def rank_seed(seed: int) -> int:
+    """Seed of this process's label sampler: ``seed`` alone, distinct per rank."""
+    return seed + 1_000_003 * world()[0]
 
 
 def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
@@ -131,6 +138,14 @@ def init_from_environment() -> bool:
         seconds = float(os.environ.get("DATASLEUTH_DIST_TIMEOUT", 86_400))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return True
+
+
+def shutdown() -> None:
+    """Wait for every process, then leave the group (a process that exits while its
+    group is alive can abort in the backend's teardown)."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
 
 
 def local_device(device: str) -> str:

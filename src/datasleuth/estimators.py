@@ -63,7 +63,8 @@ Example (a tiny classifier; every estimator plugs into the same scoring calls)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -418,7 +419,8 @@ class _Operator:
         return total / count + self.damping * v
 
 
-class _Isolated:
+@contextmanager
+def _isolated(model: nn.Module) -> Iterator[None]:
     """Eval mode, and every capture context suspended, inside a with-block.
 
     :func:`~datasleuth.scoring.self_influence` calls ``precondition`` while its capture
@@ -426,19 +428,13 @@ class _Isolated:
     not reach those hooks (they would see a layer run twice), so they run under
     :func:`~datasleuth.hooks.suspend_capture`.
     """
-
-    def __init__(self, model: nn.Module, layers: Sequence[TrackedLayer] = ()):
-        self.model = model
-        self.suspend = suspend_capture()
-
-    def __enter__(self) -> None:
-        self.was_training = self.model.training
-        self.model.eval()
-        self.suspend.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.suspend.__exit__(*exc)
-        self.model.train(self.was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        with suspend_capture():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -518,7 +514,7 @@ class ExactInfluence:
         op = _Operator(space, task, lam, block_diagonal,
                        "ggn" if kind == "exact_ggn" else "hessian")
         eye = torch.eye(space.dim, dtype=dtype, device=device)
-        with _Isolated(model, space.layers):
+        with _isolated(model):
             batches = list(loader)
             cols, count = [], 0
             for start in range(0, space.dim, _CHUNK):  # columns G e_i, chunk by chunk
@@ -621,7 +617,7 @@ class ConjugateGradient:
         """x with (G + λI) x = v for each row of ``v`` (B, D)."""
         op = self._operator()
         b = v.to(op.damping.dtype)
-        with _Isolated(self.model, self.space.layers):
+        with _isolated(self.model):
             def apply(x: Tensor) -> Tensor:
                 return op.mean(self.train, x)
 
@@ -764,7 +760,7 @@ class LiSSA:
         lam = self.space.layout.damping_vector(self.damping, self.reference, p.dtype, p.device)
         op = _Operator(self.space, self.task, lam, self.block_diagonal)
         b = v.to(lam.dtype)
-        with _Isolated(self.model, self.space.layers):
+        with _isolated(self.model):
             full = self._full() if self.batch_size is None or self.scale is None else []
             alpha = self.scale if self.scale is not None else 1.0 / (
                 2.0 * (self._largest_eigenvalue(op, full) + float(lam.max())))

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
-from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, world
+from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, find_layers
 from datasleuth.progress import progress_bar
@@ -192,7 +192,7 @@ def fit_curvature(
         current = _Batch()
         phase, done, bases = saver.restore(stats)
         if config.curvature in ("kfac", "ekfac") and phase == "factors":
-            gen = saver.generator(config, rank, "factors")
+            gen = saver.generator(config, "factors")
             _run_pass(model, task, loader, tracked, _covariance_fn(stats, current), current,
                       config, "fit factors", progress, gen, done,
                       lambda i: saver.save("factors", i, stats, None, gen))
@@ -204,7 +204,7 @@ def fit_curvature(
         elif bases is None:
             bases = {name: (None, None, None, None) for name in stats}
         if config.curvature in ("ekfac", "diagonal"):
-            gen = saver.generator(config, rank, "eigenvalues")
+            gen = saver.generator(config, "eigenvalues")
             _run_pass(model, task, loader, tracked, _eigenvalue_fn(stats, bases, done > 0),
                       current, config, "fit eigenvalues", progress, gen, done,
                       lambda i: saver.save("eigenvalues", i, stats, bases, gen))
@@ -230,14 +230,9 @@ def fit_curvature(
             damping = config.damping if config.damping is not None else (
                 config.damping_scale * mean if mean > 0 else config.damping_scale
             )
-        cpu = torch.device("cpu")  # fitted artifacts live on the CPU; scoring moves them
-        layers_out[layer.name] = LayerCurvature(
-            lam.to(cpu), float(damping),
-            q_out.to(cpu) if q_out is not None else None,
-            q_in.to(cpu) if q_in is not None else None,
-            lam_s.to(cpu) if lam_s is not None else None,
-            lam_a.to(cpu) if lam_a is not None else None,
-        )
+        # Fitted artifacts live on the CPU; scoring moves them to the model's device.
+        layers_out[layer.name] = LayerCurvature(lam, float(damping), q_out, q_in, lam_s,
+                                                lam_a).to("cpu")
     some = next(iter(stats.values()))
     metadata = {
         "config": asdict(config),
@@ -260,9 +255,9 @@ class _Checkpoint:
         self.state: torch.Tensor | None = None
         self.state_phase = ""
 
-    def generator(self, config: FitConfig, rank: int, phase: str) -> torch.Generator:
+    def generator(self, config: FitConfig, phase: str) -> torch.Generator:
         """The label sampler of a pass: seeded, or where a resumed pass left it."""
-        gen = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)
+        gen = torch.Generator().manual_seed(rank_seed(config.seed))
         if self.state is not None and self.state_phase == phase:
             gen.set_state(self.state)
         return gen
@@ -284,7 +279,7 @@ class _Checkpoint:
                 s.s_cov = [tensors[f"{name}/s_cov/{i}"] for i in range(len(s.out_bounds))]
             s.lam = tensors[f"{name}/lam"]
             s.tokens, s.sequences = meta["counts"][name]
-        if meta["phase"] == "eigenvalues" and f"{meta['first']}/lam_s" in tensors:
+        if meta["phase"] == "eigenvalues" and f"{next(iter(stats))}/lam_s" in tensors:
             bases = {}
             for name, s in stats.items():
                 q_in = Basis([tensors[f"{name}/q_in/{i}"] for i in range(len(s.in_bounds))])
@@ -312,7 +307,7 @@ class _Checkpoint:
                 tensors[f"{name}/lam_s"], tensors[f"{name}/lam_a"] = lam_s, lam_a
         if generator is not None:
             tensors["generator"] = generator.get_state()
-        meta = {"key": self.key, "phase": phase, "batches": batches, "first": next(iter(stats)),
+        meta = {"key": self.key, "phase": phase, "batches": batches,
                 "counts": {n: [s.tokens, s.sequences] for n, s in stats.items()}}
         save_tensors(self.path, tensors, meta)
         self.last = time.monotonic()

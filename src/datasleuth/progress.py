@@ -9,6 +9,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from datasleuth.distributed import world
+
 __all__ = ["progress_bar"]
 
 T = TypeVar("T")
@@ -25,8 +27,6 @@ def progress_bar(
 
     Under torch.distributed only rank 0 draws bars.
     """
-    from datasleuth.distributed import world
-
     if not enabled or os.environ.get("DATASLEUTH_PROGRESS", "1") == "0" or world()[0] != 0:
         return iterable
     if total is None and hasattr(iterable, "__len__"):

@@ -58,11 +58,14 @@ class Scores:
 
     ``total`` is (Q, N) for pairwise scores or (N,) for self-influence; ``per_layer``
     adds a trailing layer axis of length ``len(layer_names)`` and sums to ``total``.
+    Self-influence also keeps each example's training ``loss`` (N,), computed by the
+    same forward pass: the simpler baseline it is compared with.
     """
 
     total: Tensor
     per_layer: Tensor
     layer_names: list[str]
+    loss: Tensor | None = None
 
 
 class Preconditioner(Protocol):
@@ -98,8 +101,12 @@ def _stream(
     objective: str,
     desc: str,
     progress: bool,
+    on_values: Callable[[Tensor], None] | None = None,
 ) -> None:
-    """Run forward + output-gradient backward over ``loader``; call back per layer/batch."""
+    """Run forward + output-gradient backward over ``loader``; call back per layer/batch.
+
+    ``on_values`` receives each batch's per-example objective values (detached).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -113,6 +120,8 @@ def _stream(
                 else:
                     values = task.measurement(model, batch)
                 backward_to_outputs(values.sum(), state)
+                if on_values is not None:
+                    on_values(values.detach())
                 on_batch_end(values.shape[0])
     finally:
         model.train(was_training)
@@ -238,12 +247,13 @@ def self_influence(
         parts.append(torch.stack(per_layer, -1).cpu())
         buffer.clear()
 
+    losses: list[Tensor] = []
     _stream(model, task, train, layers, on_layer, on_batch_end, "loss", "self-influence",
-            progress)
+            progress, on_values=lambda v: losses.append(v.cpu()))
     if not parts:
         raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
     per_layer = torch.cat(parts)  # (N, L)
-    return Scores(per_layer.sum(-1), per_layer, list(names))
+    return Scores(per_layer.sum(-1), per_layer, list(names), torch.cat(losses))
 
 
 def token_scores(

@@ -38,6 +38,7 @@ from datasleuth.lm.model import context_length
 from datasleuth.lm.queries import Query, collate_queries, encode_queries, load_queries
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig, scan_corpus, trace_details
+from datasleuth.progress import progress_bar
 from datasleuth.scoring import precondition_queries
 from datasleuth.storage import atomic_path, load_curvature, read_json, write_json
 
@@ -51,6 +52,7 @@ __all__ = [
     "bm25_candidates",
     "build_corpus_index",
     "check_context",
+    "check_trace_options",
     "open_corpus_index",
     "run_trace",
     "run_self_influence",
@@ -59,7 +61,6 @@ __all__ = [
 
 DEFAULT_RESCORE = 100
 _INDEX_CORPUS = "corpus.json"
-_STORAGE = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 def say(message: str) -> None:
@@ -101,11 +102,11 @@ def prepare_corpus(
         return corpus
 
 
-def check_context(model: nn.Module, corpus: PackedCorpus) -> None:
-    """Refuse packed sequences longer than the model's context, before any work."""
+def check_context(model: nn.Module, seq_len: int) -> None:
+    """Refuse sequences of ``seq_len`` tokens longer than the model's context."""
     limit = context_length(model)
-    if limit is not None and corpus.seq_len > limit:
-        raise DatasleuthError(f"--seq-len {corpus.seq_len} is longer than the model's context of "
+    if limit is not None and seq_len > limit:
+        raise DatasleuthError(f"--seq-len {seq_len} is longer than the model's context of "
                               f"{limit} tokens; pass --seq-len {limit} or less")
 
 
@@ -126,7 +127,7 @@ def fit_factors(
     progress: bool = True,
 ) -> Curvature:
     """Fit curvature on the packed corpus, or reuse ``workdir/factors-<kind>.safetensors``."""
-    check_context(model, corpus)
+    check_context(model, corpus.seq_len)
     path = Path(workdir) / f"factors-{config.curvature}.safetensors"
     expect = {"config": asdict(config), "corpus_fingerprint": corpus.fingerprint,
               "max_sequences": max_sequences}
@@ -214,7 +215,7 @@ def build_corpus_index(
     if active():
         raise DatasleuthError("`datasleuth index` runs in one process; start it without "
                               "torchrun (trace --index may use many)")
-    check_context(model, corpus)
+    check_context(model, corpus.seq_len)
     directory = Path(directory)
     side = directory / _INDEX_CORPUS
     if side.is_file():
@@ -238,9 +239,8 @@ def build_corpus_index(
     else:
         fit_projected_curvature(model, task, _corpus_loader(corpus, batch_size, max_sequences),
                                 index, fisher=fisher, progress=progress)
-    size = index.dim * torch.empty(0, dtype=_STORAGE[index.config.dtype]).element_size()
     say(f"index {directory}: {index.rows} sequences x {index.dim} numbers "
-        f"({size} bytes per sequence, {len(index.layer_names)} layers)")
+        f"({index.bytes_per_row} bytes per sequence, {len(index.layer_names)} layers)")
     return index
 
 
@@ -298,8 +298,6 @@ def _rescore_by_chunks(
     preconditioned query gradients is held at once. Histogram and counts come from the
     first stage, which saw every sequence.
     """
-    from datasleuth.progress import progress_bar
-
     doc: dict[str, Any] | None = None
     first = 0
     for batch in progress_bar(batches, desc="re-score (full rank)", enabled=progress,
@@ -319,6 +317,19 @@ def _rescore_by_chunks(
         first += nq
     assert doc is not None
     return doc
+
+
+def check_trace_options(rank: int | None, index: str | Path | None,
+                        candidates_k: int | None, rescore: int, approximate: bool) -> None:
+    """Refuse combinations of the candidate stages that do not go together."""
+    if index is not None and (rank is not None or candidates_k is not None):
+        raise DatasleuthError("--index finds candidates by itself; drop --rank and --filter")
+    if approximate and index is None:
+        raise DatasleuthError("--approximate only applies to --index DIR; add --index")
+    if rank is not None and rank < 1:
+        raise DatasleuthError(f"rank must be >= 1, got {rank}")
+    if rescore < 1:
+        raise DatasleuthError(f"rescore must be >= 1, got {rescore}")
 
 
 def run_trace(
@@ -356,12 +367,7 @@ def run_trace(
     query (METHOD.md §5). A killed full or low-rank scan resumes from its checkpoint
     when re-run with the same inputs.
     """
-    if index is not None and (rank is not None or candidates_k is not None):
-        raise DatasleuthError("--index finds candidates by itself; drop --rank and --filter")
-    if rank is not None and rank < 1:
-        raise DatasleuthError(f"rank must be >= 1, got {rank}")
-    if rescore < 1:
-        raise DatasleuthError(f"rescore must be >= 1, got {rescore}")
+    check_trace_options(rank, index, candidates_k, rescore, approximate)
     rescore = max(rescore, config.top_k, config.bottom_k)
     out = Path(out_dir)
     queries = load_queries(queries_path)
@@ -384,7 +390,7 @@ def run_trace(
         if previous.get("input_digest") == key:
             say(f"reusing {results_path} (same model, corpus, factors, queries and settings)")
             return previous
-    check_context(model, corpus)
+    check_context(model, corpus.seq_len)
     encoded, batches = query_batches(queries, tokenizer, config.batch_size,
                                      max_length=context_length(model))
     warnings = []
@@ -479,22 +485,16 @@ def run_self_influence(
 
     from datasleuth.scoring import Scores, self_influence
 
-    check_context(model, corpus)
+    check_context(model, corpus.seq_len)
     task = CausalLMTask()
     block = list(shard(len(corpus)))  # this process's sequences (all of them alone)
     loader = DataLoader(block, batch_size=batch_size, collate_fn=corpus.collate)
-    device = next(model.parameters()).device
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
     names: list[str] = list(curvature.layer_names)
     if block:
         scores = self_influence(model, task, curvature, loader, progress=progress)
         names = scores.layer_names
-        losses = []
-        with torch.no_grad():
-            for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                losses.append(task.loss(model, batch).double().cpu())
-        parts.append((scores.total.double(), scores.per_layer.double(), torch.cat(losses)))
+        parts.append((scores.total.double(), scores.per_layer.double(), scores.loss.double()))
     gathered = [p for ps in gather_objects(parts) for p in ps]  # blocks in rank order
     scores = Scores(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
                     names)

@@ -74,11 +74,9 @@ class RunningTopK:
         pay = torch.cat([self.payload, payload.permute(1, 0, 2).double().cpu()], 1)
         self._select(values, idx, pay)
 
-    def merge(self, other: RunningTopK) -> None:
-        """Fold in another process's running top-k (same queries, disjoint sequences)."""
-        self._select(torch.cat([self.values, other.values], 1),
-                     torch.cat([self.indices, other.indices], 1),
-                     torch.cat([self.payload, other.payload], 1))
+    def merge(self, parts: Sequence[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """Keep the best k of several processes' (values, indices, payload) (disjoint rows)."""
+        self._select(*(torch.cat([part[j] for part in parts], 1) for j in range(3)))
 
     def _select(self, values: Tensor, idx: Tensor, pay: Tensor) -> None:
         keep = min(self.k, values.shape[1])
@@ -231,22 +229,14 @@ class _ScanState:
 
     def merge_processes(self) -> None:
         """Combine every process's state (contiguous blocks in rank order) into this one."""
-        parts = gather_objects((self.top.values, self.top.indices, self.top.payload,
-                                self.bottom.values, self.bottom.indices, self.bottom.payload,
+        parts = gather_objects(((self.top.values, self.top.indices, self.top.payload),
+                                (self.bottom.values, self.bottom.indices, self.bottom.payload),
                                 self.samples, self.scanned))
-        first = parts[0]
-        self.top.values, self.top.indices, self.top.payload = first[0], first[1], first[2]
-        self.bottom.values, self.bottom.indices, self.bottom.payload = first[3:6]
-        self.samples = [list(s) for s in first[6]]
-        self.scanned = list(first[7])
-        for other in parts[1:]:
-            for tk, (v, i, p) in ((self.top, other[0:3]), (self.bottom, other[3:6])):
-                theirs = RunningTopK(0, tk.k, p.shape[2])
-                theirs.values, theirs.indices, theirs.payload = v, i, p
-                tk.merge(theirs)
-            for q in range(len(self.samples)):
-                self.samples[q].extend(other[6][q])
-                self.scanned[q] += other[7][q]
+        self.top.merge([part[0] for part in parts])
+        self.bottom.merge([part[1] for part in parts])
+        self.samples = [[x for part in parts for x in part[2][q]]
+                        for q in range(len(self.samples))]
+        self.scanned = [sum(part[3][q] for part in parts) for q in range(len(self.scanned))]
 
     def save(self, path: str | Path, key: str) -> None:
         tensors = {}

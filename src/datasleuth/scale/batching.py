@@ -37,8 +37,8 @@ reconstruct path forms the batch's DW̄, as the plain scan does, and rebuilds ch
 Ṽ = L R transiently. Both give the same scores up to rounding. :func:`scan_low_rank`
 uses the token path by default; ``path="reconstruct"`` suits large batches on
 hardware with high memory bandwidth, and ``path="auto"`` picks by multiply-add count
-alone (on a 2-core CPU, where rebuilding Ṽ is bound by memory traffic, it was no faster
-than the token path: benchmarks/scale.py). Re-score the
+alone (on a 2-core CPU it was no faster than the token path, benchmarks/scale.py;
+rebuilding Ṽ moves Q P (M+1) numbers per batch, which the count leaves out). Re-score the
 final top-N candidates with full-rank query gradients (:func:`rescore`).
 """
 
@@ -423,11 +423,12 @@ class _LayerScorer:
         self.full = None
         left, right = queries.left[name], queries.right[name]
         self.k = left.shape[2]
-        self.l3 = left.to(device, dtype)  # (Q, P, k)
-        self.r3 = right.to(device, dtype)  # (Q, k, M+1)
-        # Columns ordered (query, k), so one GEMM serves all queries.
-        self.left = self.l3.permute(1, 0, 2).reshape(left.shape[1], -1)  # (P, Qk)
-        self.right = self.r3.permute(2, 0, 1).reshape(right.shape[2], -1)  # (M+1, Qk)
+        # Columns ordered (query, k), so one GEMM serves all queries; one copy on device.
+        self.left = left.to(device, dtype).permute(1, 0, 2).reshape(left.shape[1], -1)  # (P,Qk)
+        self.right = right.to(device, dtype).permute(2, 0, 1).reshape(right.shape[2], -1)
+        # self.right: (M+1, Qk). Per-query views of the same storage, for "reconstruct":
+        self.l3 = self.left.view(left.shape[1], self.q, self.k).permute(1, 0, 2)  # (Q, P, k)
+        self.r3 = self.right.view(right.shape[2], self.q, self.k).permute(1, 2, 0)  # (Q,k,M+1)
 
     def __call__(self, a: Tensor, g: Tensor) -> Tensor:
         """Scores (B, Q) from ā (B, T, M+1) and Ds (B, T, P), padding already zero."""

@@ -66,7 +66,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
-from datasleuth.distributed import all_reduce_int, all_reduce_sum, world
+from datasleuth.distributed import all_reduce_int, all_reduce_sum, rank_seed
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import resolve_layers
 from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, layers_by_name
@@ -381,7 +381,7 @@ def fit_projected_curvature(
             sums[name] += g.t() @ g
         count[0] += rows.shape[0]
 
-    generator = torch.Generator().manual_seed(seed + 1_000_003 * world()[0])
+    generator = torch.Generator().manual_seed(rank_seed(seed))
     _stream_projected(model, task, loader, layers, index.projections, fisher, on_rows,
                       generator, max_batches, "fit projected curvature", progress)
     all_reduce_sum(list(sums.values()))  # one loader shard per process (datasleuth.distributed)
@@ -450,6 +450,11 @@ class GradientIndex:
     def dim(self) -> int:
         """Row length D = Σ_ℓ k_out,ℓ·k_in,ℓ."""
         return sum(p.dim for p in self.projections)
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Disk per indexed sequence: D numbers in the storage dtype."""
+        return self.dim * _DTYPES[self.config.dtype].itemsize
 
     @property
     def layer_slices(self) -> dict[str, slice]:
