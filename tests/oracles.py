@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
-from datasleuth.hooks import TrackedLayer
+from datasleuth.layers import TrackedLayer
 
 
 def layer_params(layer: TrackedLayer, wbar: Tensor) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ from datasleuth import (
     find_layers,
     fit_curvature,
 )
-from datasleuth.hooks import capture
+from datasleuth.layers import capture
 from datasleuth.lm.task import CausalLMTask
 
 

@@ -9,7 +9,7 @@ from datasleuth.curvature import Curvature, LayerCurvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.estimators import ConjugateGradient, ExactInfluence, LiSSA
 from datasleuth.fitting import FitConfig, fit_curvature
-from datasleuth.hooks import TrackedLayer, find_layers
+from datasleuth.layers import TrackedLayer, find_layers
 from datasleuth.scoring import (
     Preconditioner,
     Scores,

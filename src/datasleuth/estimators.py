@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader, default_collate
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import resolve_layers
-from datasleuth.hooks import TrackedLayer, suspend_capture
+from datasleuth.layers import TrackedLayer, suspend_capture
 from datasleuth.task import ClassificationTask, RegressionTask, Task
 from datasleuth.utils import to_device
 
@@ -426,7 +426,7 @@ def _isolated(model: nn.Module) -> Iterator[None]:
     :func:`~datasleuth.scoring.self_influence` calls ``precondition`` while its capture
     hooks are installed on the tracked layers; the estimators' own forward passes must
     not reach those hooks (they would see a layer run twice), so they run under
-    :func:`~datasleuth.hooks.suspend_capture`.
+    :func:`~datasleuth.layers.suspend_capture`.
     """
     was_training = model.training
     model.eval()
@@ -548,7 +548,7 @@ class ExactInfluence:
 def _space(model: nn.Module, layers: Sequence[str] | Sequence[TrackedLayer] | None,
            reference: Curvature | None) -> ParameterSpace:
     if layers is None and reference is not None:
-        from datasleuth.hooks import layers_by_name
+        from datasleuth.layers import layers_by_name
 
         return ParameterSpace(model, layers_by_name(model, reference.layer_names))
     return ParameterSpace(model, resolve_layers(model, layers))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
-from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, find_layers
+from datasleuth.layers import TrackedLayer, backward_to_outputs, capture, find_layers
 from datasleuth.progress import progress_bar
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.task import Task

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
-from datasleuth.hooks import (
+from datasleuth.layers import (
     TrackedLayer,
     backward_to_outputs,
     capture,

@@ -25,7 +25,7 @@ from torch import nn
 
 from datasleuth.curvature import Basis, Curvature, LayerCurvature
 from datasleuth.errors import DatasleuthError
-from datasleuth.hooks import TrackedLayer
+from datasleuth.layers import TrackedLayer
 
 __all__ = [
     "FORMAT_VERSION",

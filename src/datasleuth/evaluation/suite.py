@@ -42,7 +42,7 @@ from datasleuth.evaluation.metrics import compare_detectors, correlations
 from datasleuth.evaluation.recipes import Problem, Recipe, load_recipe
 from datasleuth.evaluation.sparsity import sparsity_report
 from datasleuth.fitting import FitConfig, fit_curvature, resolve_layers
-from datasleuth.hooks import TrackedLayer
+from datasleuth.layers import TrackedLayer
 from datasleuth.scoring import Preconditioner, pairwise_scores, self_influence
 
 __all__ = [

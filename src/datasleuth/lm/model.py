@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from datasleuth.errors import DatasleuthError
-from datasleuth.hooks import TrackedLayer, find_layers
+from datasleuth.layers import TrackedLayer, find_layers
 
 __all__ = ["load_model", "default_layers", "context_length", "check_device", "MLP_PATTERNS",
            "ATTENTION_PATTERNS"]

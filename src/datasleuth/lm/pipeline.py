@@ -32,7 +32,7 @@ from datasleuth.curvature import Curvature
 from datasleuth.distributed import active, barrier, gather_objects, rank_zero_first, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
-from datasleuth.hooks import TrackedLayer
+from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus, pack_corpus
 from datasleuth.lm.model import context_length
 from datasleuth.lm.queries import Query, collate_queries, encode_queries, load_queries

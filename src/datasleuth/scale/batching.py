@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datasleuth.errors import DatasleuthError
-from datasleuth.hooks import TrackedLayer, layers_by_name, per_example_gradients
+from datasleuth.layers import TrackedLayer, layers_by_name, per_example_gradients
 from datasleuth.progress import progress_bar
 from datasleuth.scoring import (
     Preconditioner,

@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 from datasleuth.distributed import all_reduce_int, all_reduce_sum, rank_seed
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import resolve_layers
-from datasleuth.hooks import TrackedLayer, backward_to_outputs, capture, layers_by_name
+from datasleuth.layers import TrackedLayer, backward_to_outputs, capture, layers_by_name
 from datasleuth.progress import progress_bar
 from datasleuth.storage import (
     atomic_path,

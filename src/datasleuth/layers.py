@@ -27,6 +27,7 @@ __all__ = [
     "TrackedLayer",
     "find_layers",
     "layers_by_name",
+    "resolve_layers",
     "capture",
     "backward_to_outputs",
     "per_example_gradients",
@@ -125,6 +126,18 @@ def layers_by_name(model: nn.Module, names: Sequence[str]) -> list[TrackedLayer]
         kind, m, p, bias = info
         layers.append(TrackedLayer(name, modules[name], kind, m, p, bias))
     return layers
+
+
+def resolve_layers(
+    model: nn.Module, layers: Sequence[str] | Sequence[TrackedLayer] | None
+) -> list[TrackedLayer]:
+    """Accept tracked layers, glob patterns, or None (= every supported layer)."""
+    if layers is None:
+        return find_layers(model)
+    layers = list(layers)
+    if layers and all(isinstance(x, TrackedLayer) for x in layers):
+        return layers  # type: ignore[return-value]
+    return find_layers(model, include=[str(x) for x in layers])
 
 
 LayerFn = Callable[[TrackedLayer, Tensor, Tensor], None]
