@@ -219,7 +219,8 @@ def main() -> None:
 
     index = GradientIndex.open(tmp.name)
     fit_projected_curvature(model, task, batches, index, progress=False)
-    q_index = index.precondition_queries(model, task, q_all)  # (256, D)
+    q_index = index.flatten(precondition_queries(model, task, index.curvature, q_all,
+                                                 features=index.features))  # (256, D)
     index.search(q_index[:1], k=100, exact=False)  # build the HNSW graph outside the timing
     configs["index search (exact), 256 queries"] = lambda: index.search(q_index, k=100)
     configs["index search (HNSW), 256 queries"] = lambda: index.search(q_index, k=100,
@@ -258,7 +259,8 @@ def main() -> None:
         gi = build_index(model, task, items, layers, other, cfg_k, batch_size=args.batch_size,
                          collate_fn=collate, progress=False)
         fit_projected_curvature(model, task, batches, gi, progress=False)
-        got = gi.scores(gi.precondition_queries(model, task, q_all[:1]).float())
+        got = gi.scores(gi.flatten(precondition_queries(model, task, gi.curvature, q_all[:1],
+                                                        features=gi.features)).float())
         wider[dim] = (got, gi.bytes_per_row)
 
     print(f"\nGPT-2 {args.n_layer}x{args.n_embd}, {args.n_seq} sequences x {args.seq_len} "

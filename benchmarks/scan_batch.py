@@ -19,14 +19,9 @@ os.environ.setdefault("DATASLEUTH_PROGRESS", "0")
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from datasleuth import (  # noqa: E402
-    FitConfig,
-    find_layers,
-    fit_curvature,
-    precondition_queries,
-    scan_scores,
-)
+from datasleuth import FitConfig, find_layers, fit_curvature, precondition_queries  # noqa: E402
 from datasleuth.lm.task import CausalLMTask  # noqa: E402
+from datasleuth.scoring import scan_scores  # noqa: E402
 
 
 def _batch(x: torch.Tensor) -> dict[str, torch.Tensor]:

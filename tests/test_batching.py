@@ -96,14 +96,14 @@ def test_rank_at_least_every_layer_keeps_queries_exact(lm_setup):
 def test_scores_converge_to_full_rank_as_rank_grows(lm_setup):
     model, task, _, seqs, _, pre, ref = lm_setup
     layers = find_layers(model, ["*.mlp.*"])
-    train_grads = collect_gradients(model, task, [lm_batch(seqs)], layers, "loss")  # (N,P,M+1)
+    train_grads = collect_gradients(model, task, [lm_batch(seqs)], layers, "loglik")  # (N,P,M+1)
     errors, correlations = [], []
     for k in range(1, 10):
         queries = LowRankQueries.from_preconditioned(pre, rank=k)
         got = low_rank_scores(model, task, queries, _awkward(seqs), progress=False)
         # The scan scores exactly the approximated Ṽ ≈ L R, whatever the rank.
         dense = queries.dense()
-        want = -torch.stack([dense[n].flatten(1) @ train_grads[n].flatten(1).t()
+        want = torch.stack([dense[n].flatten(1) @ train_grads[n].flatten(1).t()
                              for n in ref.layer_names], dim=-1)  # (Q, N, L)
         torch.testing.assert_close(got.per_layer, want, rtol=0, atol=1e-10)
         bound = 0.0

@@ -52,7 +52,8 @@ def _run(model, tmp_path, tag):
                         IndexConfig(k_in=4, k_out=4, dtype="float64"), batch_size=2,
                         progress=False)
     fit_projected_curvature(model, task, train, index, progress=False)
-    found = index.scores(index.precondition_queries(model, task, queries))
+    found = index.scores(precondition_queries(model, task, index.curvature, queries,
+                                             features=index.features))
     return {"eigenvalues": torch.stack([c.eigenvalues.sum() for c in curv.layers.values()]),
             "pairwise": pair.per_layer, "self": selfi.total, "tokens": tokens,
             "low_rank": low.per_layer, "index": found}

@@ -20,12 +20,19 @@ from datasleuth.lm.task import CausalLMTask
 from datasleuth.scale.index import (
     GradientIndex,
     IndexConfig,
+    ProjectedScorer,
     build_index,
     fit_projected_curvature,
 )
+from datasleuth.scoring import collect_scores, precondition_queries
 
 MLP = ["*.mlp.*"]
 
+
+
+def _queries(index, model, task, queries):
+    """Projected, preconditioned query rows {layer: (Q, D_ℓ)} of an index."""
+    return precondition_queries(model, task, index.curvature, queries, features=index.features)
 
 def _sequences(n: int, vocab: int = 13, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -101,7 +108,7 @@ def test_identity_projection_equals_dense_influence(tmp_path):
     curv = fit_projected_curvature(model, task, _batches(seqs, 4), index, fisher="empirical",
                                    progress=False)
     queries = [_query(seqs[2], 3), _query(_sequences(1, seed=9)[0], 2)]
-    got = index.scores(index.precondition_queries(model, task, queries))  # (2, 9)
+    got = index.scores(_queries(index, model, task, queries))  # (2, 9)
 
     layers = find_layers(model, MLP)
     train = loop_gradients(model, layers, [lm_batch([s]) for s in seqs],
@@ -116,8 +123,23 @@ def test_identity_projection_equals_dense_influence(tmp_path):
     assert int(got[0].argmax()) == 2 and float(got[0, 2]) > 0  # the query's own text wins
 
     reopened = GradientIndex.open(tmp_path, model, MLP)  # curvature comes back from disk
-    again = reopened.scores(reopened.precondition_queries(model, task, queries))
+    again = reopened.scores(_queries(reopened, model, task, queries))
     assert torch.equal(again, got)
+
+
+def test_projected_scorer_in_the_scan_equals_the_stored_rows(tmp_path):
+    """The same projected scores, from stored rows or from a scan with ProjectedScorer."""
+    model, task = tiny_gpt2(vocab=13), CausalLMTask()
+    seqs = _sequences(7)
+    index = build_index(model, task, seqs, MLP, tmp_path,
+                        IndexConfig(k_in=3, k_out=5, dtype="float64", shard_size=3),
+                        batch_size=2, collate_fn=lm_batch, progress=False)
+    q = torch.randn(4, index.dim, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    scorers = {p.name: ProjectedScorer(p, q[:, index.layer_slices[p.name]])
+               for p in index.projections}
+    scanned = collect_scores(model, task, _batches(seqs, 3), scorers, progress=False)
+    torch.testing.assert_close(scanned.total, index.scores(q), rtol=1e-10, atol=1e-12)
 
 
 def test_sampled_fisher_index_tracks_dense_gauss_newton(mlp_data, tmp_path):
@@ -129,7 +151,7 @@ def test_sampled_fisher_index_tracks_dense_gauss_newton(mlp_data, tmp_path):
                         IndexConfig(k_in=None, k_out=None, projection="identity",
                                     dtype="float64"), batch_size=5, progress=False)
     fit_projected_curvature(model, task, [(x, y)] * 60, index, progress=False)
-    got = index.scores(index.precondition_queries(model, task, [(x[:5], y[:5])]))
+    got = index.scores(_queries(index, model, task, [(x[:5], y[:5])]))
     layers = find_layers(model)
     ggn = {layer.name: dense_ggn(
         model, layer, [(x[i], y[i]) for i in range(len(x))],
@@ -251,8 +273,8 @@ def test_mismatched_model_layers_or_projection_are_refused(tmp_path):
                              collate_fn=lm_batch, progress=False), "different model"),
         (lambda: build_index(model, task, seqs[:3], MLP, tmp_path, cfg, collate_fn=lm_batch,
                              progress=False), "append=True"),
-        (lambda: GradientIndex.open(tmp_path).precondition_queries(model, task, [lm_batch(
-            seqs[:1])]), "fit_projected_curvature"),
+        (lambda: _queries(GradientIndex.open(tmp_path), model, task, [lm_batch(seqs[:1])]),
+         "fit_projected_curvature"),
         (lambda: GradientIndex.open(tmp_path).search(torch.zeros(2, 3)), "precondition_queries"),
         (lambda: GradientIndex.open(tmp_path / "nothing"), "build_index"),
         (lambda: IndexConfig(k_in=0), "positive integer"),

@@ -18,9 +18,9 @@ def test_mlp_per_example_gradients_match_loop(mlp_data):
     layers = find_layers(model)
     task = ClassificationTask()
     batches = [(x[i : i + 7], y[i : i + 7]) for i in range(0, len(x), 7)]
-    got = collect_gradients(model, task, batches, layers, objective="loss")
+    got = collect_gradients(model, task, batches, layers, objective="loglik")
     want = loop_gradients(model, layers, [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))],
-                          lambda m, ex: task.loss(m, ex).sum())
+                          lambda m, ex: -task.loss(m, ex).sum())
     for layer in layers:
         assert got[layer.name].shape == (len(x), *layer.grad_shape)
         torch.testing.assert_close(got[layer.name], want[layer.name], rtol=1e-10, atol=1e-12)
@@ -32,9 +32,9 @@ def test_gpt2_conv1d_gradients_with_padding_match_loop():
     assert {layer.kind for layer in layers} == {"conv1d"}
     seqs = [[1, 2, 3, 4, 5, 6], [7, 3, 2], [4, 4, 9, 10, 1]]
     task = CausalLMTask()
-    got = collect_gradients(model, task, [lm_batch(seqs)], layers, objective="loss")
+    got = collect_gradients(model, task, [lm_batch(seqs)], layers, objective="loglik")
     want = loop_gradients(model, layers, [lm_batch([s]) for s in seqs],
-                          lambda m, ex: task.loss(m, ex).sum())
+                          lambda m, ex: -task.loss(m, ex).sum())
     for layer in layers:
         torch.testing.assert_close(got[layer.name], want[layer.name], rtol=1e-9, atol=1e-11)
 
@@ -46,10 +46,10 @@ def test_layers_without_bias_and_weights_restored(mlp_data):
     layers = find_layers(model)
     assert layers[0].grad_shape == (5, 4) and layers[1].grad_shape == (3, 6)
     task = ClassificationTask()
-    got = collect_gradients(model, task, [(x, y)], layers, objective="loss")
+    got = collect_gradients(model, task, [(x, y)], layers, objective="loglik")
     model[2].weight.requires_grad_(True)
     want = loop_gradients(model, layers, [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))],
-                          lambda m, ex: task.loss(m, ex).sum())
+                          lambda m, ex: -task.loss(m, ex).sum())
     torch.testing.assert_close(got["0"], want["0"])
     torch.testing.assert_close(got["2"], want["2"])
 
@@ -57,7 +57,7 @@ def test_layers_without_bias_and_weights_restored(mlp_data):
 def test_requires_grad_flags_restored_after_capture(mlp_data):
     model, x, y = mlp_data
     model[0].bias.requires_grad_(False)
-    collect_gradients(model, ClassificationTask(), [(x, y)], find_layers(model, ["2"]), "loss")
+    collect_gradients(model, ClassificationTask(), [(x, y)], find_layers(model, ["2"]), "loglik")
     assert model[0].bias.requires_grad is False and model[0].weight.requires_grad is True
     assert model[2].weight.grad is None  # no weight gradient was ever computed
 

@@ -52,9 +52,9 @@ def test_llama_style_linear_mlp_from_disk(tokenizer, tmp_path):
     assert any("self_attn" in ly.name for ly in default_layers(model, attention=True))
     batches, ids = _batches(tok)
     task = CausalLMTask()
-    got = collect_gradients(model, task, batches, layers, objective="loss")
+    got = collect_gradients(model, task, batches, layers, objective="loglik")
     want = loop_gradients(model, layers, [lm_batch([s]) for s in ids],
-                          lambda m, ex: task.loss(m, ex).sum())
+                          lambda m, ex: -task.loss(m, ex).sum())
     for ly in layers:
         torch.testing.assert_close(got[ly.name], want[ly.name], rtol=1e-9, atol=1e-11)
     curv = fit_curvature(model, task, batches, layers, FitConfig(), progress=False)
@@ -88,12 +88,12 @@ def test_peft_lora_adapter_tracks_lora_matrices(tokenizer, tmp_path):
     assert all(".mlp." in n for n in names)  # attention c_proj is not an MLP layer
     batches, ids = _batches(tok)
     task = CausalLMTask()
-    got = collect_gradients(model, task, batches, layers, objective="loss")
+    got = collect_gradients(model, task, batches, layers, objective="loglik")
     assert not any(p.requires_grad for p in model.parameters())  # flags restored
     for ly in layers:
         ly.module.weight.requires_grad_(True)  # the loop reference needs weight gradients
     want = loop_gradients(model, layers, [lm_batch([s]) for s in ids],
-                          lambda m, ex: task.loss(m, ex).sum())
+                          lambda m, ex: -task.loss(m, ex).sum())
     for ly in layers:
         torch.testing.assert_close(got[ly.name], want[ly.name], rtol=1e-8, atol=1e-10)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())[

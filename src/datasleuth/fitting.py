@@ -12,9 +12,10 @@ true labels when ``fisher="empirical"``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,13 @@ from torch import Tensor, nn
 from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
-from datasleuth.layers import TrackedLayer, backward_to_outputs, capture, find_layers
-from datasleuth.progress import progress_bar
+from datasleuth.layers import TrackedLayer, resolve_layers
+from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
+from datasleuth.streaming import BatchEnd, evaluation, stream
 from datasleuth.task import Task
-from datasleuth.utils import compute_dtype, to_device
 
-__all__ = ["FitConfig", "fit_curvature", "resolve_layers"]
+__all__ = ["FitConfig", "fit_curvature"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class FitConfig:
 
     curvature: str = "ekfac"
     damping: float | None = None
-    damping_scale: float = 0.1
+    damping_scale: float = DEFAULT_DAMPING_SCALE
     fisher: str = "sampled"
     blocks: int = 1
     seed: int = 0
@@ -65,26 +66,15 @@ class FitConfig:
             )
         if self.fisher not in ("sampled", "empirical"):
             raise DatasleuthError(f"fisher must be 'sampled' or 'empirical', not {self.fisher!r}")
-        if self.damping is not None and not self.damping > 0:
-            raise DatasleuthError(f"damping must be > 0, got {self.damping}; use e.g. 1e-3")
-        if not self.damping_scale > 0:
-            raise DatasleuthError(f"damping_scale must be > 0, got {self.damping_scale}")
+        if self.damping is not None:
+            resolve_damping(self.damping, "every layer")  # finite and > 0, or a clear error
+        if not (math.isfinite(self.damping_scale) and self.damping_scale > 0):
+            raise DatasleuthError(f"damping_scale must be finite and > 0, got "
+                                  f"{self.damping_scale}; use e.g. 0.1")
         if not (isinstance(self.blocks, int) and self.blocks >= 1):
             raise DatasleuthError(f"blocks must be a positive integer, got {self.blocks!r}")
         if self.max_batches is not None and self.max_batches < 1:
             raise DatasleuthError("max_batches must be >= 1 or None")
-
-
-def resolve_layers(
-    model: nn.Module, layers: Sequence[str] | Sequence[TrackedLayer] | None
-) -> list[TrackedLayer]:
-    """Accept tracked layers, glob patterns, or None (= every supported layer)."""
-    if layers is None:
-        return find_layers(model)
-    layers = list(layers)
-    if layers and all(isinstance(x, TrackedLayer) for x in layers):
-        return layers  # type: ignore[return-value]
-    return find_layers(model, include=[str(x) for x in layers])
 
 
 def _block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
@@ -116,49 +106,6 @@ class _Stats:
         return self
 
 
-class _Batch:
-    """The current batch's mask, shared with the per-layer callbacks."""
-
-    mask: Tensor | None = None
-
-    def tokens(self, a: Tensor) -> int:
-        return int(self.mask.sum()) if self.mask is not None else a.shape[0] * a.shape[1]
-
-
-def _run_pass(
-    model: nn.Module,
-    task: Task,
-    loader: Iterable[Any],
-    layers: list[TrackedLayer],
-    on_layer,
-    current: _Batch,
-    config: FitConfig,
-    desc: str,
-    progress: bool,
-    generator: torch.Generator,
-    start: int = 0,
-    after_batch: Callable[[int], None] | None = None,
-) -> None:
-    """One pass over ``loader``; batches before ``start`` (done before a resume) skipped."""
-    device = next(model.parameters()).device
-    with capture(model, layers, on_layer, dtype=compute_dtype(model)) as state:
-        for i, batch in enumerate(progress_bar(loader, desc=desc, enabled=progress)):
-            if config.max_batches is not None and i >= config.max_batches:
-                break
-            if i < start:
-                continue
-            batch = to_device(batch, device)
-            current.mask = task.mask(batch)
-            state.set_batch(current.mask)
-            if config.fisher == "sampled":
-                objective = task.sampled_loss(model, batch, generator).sum()
-            else:
-                objective = task.loss(model, batch).sum()
-            backward_to_outputs(objective, state)
-            if after_batch is not None:
-                after_batch(i + 1)
-
-
 def fit_curvature(
     model: nn.Module,
     task: Task,
@@ -185,54 +132,12 @@ def fit_curvature(
     key = json.dumps([checkpoint_key, model_fingerprint(model, tracked), asdict(config),
                       [layer.name for layer in tracked], rank, size], sort_keys=True)
     saver = _Checkpoint(checkpoint, key, checkpoint_seconds)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation(model):
         stats = {layer.name: _Stats(layer, config.blocks) for layer in tracked}
-        current = _Batch()
-        phase, done, bases = saver.restore(stats)
-        if config.curvature in ("kfac", "ekfac") and phase == "factors":
-            gen = saver.generator(config, "factors")
-            _run_pass(model, task, loader, tracked, _covariance_fn(stats, current), current,
-                      config, "fit factors", progress, gen, done,
-                      lambda i: saver.save("factors", i, stats, None, gen))
-            _reduce(stats, model, factors=True)
-            bases = {name: _eigenbases(s) for name, s in stats.items()}
-            phase, done = "eigenvalues", 0
-            if config.curvature == "ekfac":
-                saver.save("eigenvalues", 0, stats, bases, None, force=True)
-        elif bases is None:
-            bases = {name: (None, None, None, None) for name in stats}
-        if config.curvature in ("ekfac", "diagonal"):
-            gen = saver.generator(config, "eigenvalues")
-            _run_pass(model, task, loader, tracked, _eigenvalue_fn(stats, bases, done > 0),
-                      current, config, "fit eigenvalues", progress, gen, done,
-                      lambda i: saver.save("eigenvalues", i, stats, bases, gen))
-            _reduce(stats, model, factors=False)
-    finally:
-        model.train(was_training)
+        bases = _fit_passes(model, task, loader, tracked, stats, config, saver, progress)
     saver.clear()
-    layers_out = {}
-    for layer in tracked:
-        s = stats[layer.name]
-        q_out, q_in, lam_s, lam_a = bases[layer.name]
-        if config.curvature == "identity":
-            lam, damping = torch.zeros(layer.grad_shape, dtype=torch.float64), 1.0
-        else:
-            if config.curvature == "kfac":
-                _require(s.tokens, layer)
-                mean_tokens = s.tokens / s.sequences
-                lam = mean_tokens * torch.outer(lam_s, lam_a)  # T̄ · (Λ_S ⊗ Λ_A)
-            else:
-                _require(s.sequences, layer)
-                lam = s.lam / s.sequences  # E_seq[(Q_Sᵀ DW̄ Q_A)^∘2]
-            mean = float(lam.mean())
-            damping = config.damping if config.damping is not None else (
-                config.damping_scale * mean if mean > 0 else config.damping_scale
-            )
-        # Fitted artifacts live on the CPU; scoring moves them to the model's device.
-        layers_out[layer.name] = LayerCurvature(lam, float(damping), q_out, q_in, lam_s,
-                                                lam_a).to("cpu")
+    layers_out = {layer.name: _layer_curvature(layer, stats[layer.name], bases[layer.name],
+                                               config) for layer in tracked}
     some = next(iter(stats.values()))
     metadata = {
         "config": asdict(config),
@@ -242,6 +147,70 @@ def fit_curvature(
         "tokens": some.tokens,
     }
     return Curvature(config.curvature, layers_out, metadata)
+
+
+def _fit_passes(
+    model: nn.Module, task: Task, loader: Iterable[Any], tracked: list[TrackedLayer],
+    stats: dict[str, _Stats], config: FitConfig, saver: _Checkpoint, progress: bool,
+) -> dict[str, tuple]:
+    """Run the factor pass (K-FAC, EK-FAC) and the eigenvalue pass (EK-FAC, diagonal).
+
+    Returns each layer's (Q_S, Q_A, Λ_S, Λ_A), all None without Kronecker factors.
+    """
+    objective = "sampled" if config.fisher == "sampled" else "loglik"
+    phase, done, bases = saver.restore(stats)
+    if config.curvature in ("kfac", "ekfac") and phase == "factors":
+        gen = saver.generator(config, "factors")
+        on_layer, on_batch = _covariance_callbacks(stats)
+        stream(model, task, loader, tracked, on_layer, objective=objective,
+               on_batch=lambda end: (on_batch(end), saver.save("factors", end.position + 1,
+                                                               stats, None, gen)),
+               generator=gen, start=done, max_batches=config.max_batches,
+               desc="fit factors", progress=progress)
+        _reduce(stats, model, factors=True)
+        bases = {name: _eigenbases(s) for name, s in stats.items()}
+        phase, done = "eigenvalues", 0
+        if config.curvature == "ekfac":
+            saver.save("eigenvalues", 0, stats, bases, None, force=True)
+    elif bases is None:
+        bases = {name: (None, None, None, None) for name in stats}
+    if config.curvature in ("ekfac", "diagonal"):
+        gen = saver.generator(config, "eigenvalues")
+        if done == 0:  # the eigenvalue pass counts its own sequences
+            for s in stats.values():
+                s.sequences = 0
+        stream(model, task, loader, tracked, _eigenvalue_fn(stats, bases), objective=objective,
+               on_batch=lambda end: _count_and_save(stats, end, saver, bases, gen),
+               generator=gen, start=done, max_batches=config.max_batches,
+               desc="fit eigenvalues", progress=progress)
+        _reduce(stats, model, factors=False)
+    return bases
+
+
+def _count_and_save(stats: dict[str, _Stats], end: BatchEnd, saver: _Checkpoint,
+                    bases: dict, generator: torch.Generator) -> None:
+    for s in stats.values():
+        s.sequences += end.size
+    saver.save("eigenvalues", end.position + 1, stats, bases, generator)
+
+
+def _layer_curvature(layer: TrackedLayer, s: _Stats, basis: tuple,
+                     config: FitConfig) -> LayerCurvature:
+    """The fitted eigenvalues Λ and damping λ_ℓ of one layer, on the CPU (§3)."""
+    q_out, q_in, lam_s, lam_a = basis
+    if config.curvature == "identity":
+        lam, damping = torch.zeros(layer.grad_shape, dtype=torch.float64), 1.0
+    else:
+        if config.curvature == "kfac":
+            _require(s.tokens, layer)
+            lam = (s.tokens / s.sequences) * torch.outer(lam_s, lam_a)  # T̄ · (Λ_S ⊗ Λ_A)
+        else:
+            _require(s.sequences, layer)
+            lam = s.lam / s.sequences  # E_seq[(Q_Sᵀ DW̄ Q_A)^∘2]
+        damping = resolve_damping(config.damping, layer.name, float(lam.mean()),
+                                  config.damping_scale)
+    # Fitted artifacts live on the CPU; scoring moves them to the model's device.
+    return LayerCurvature(lam, float(damping), q_out, q_in, lam_s, lam_a).to("cpu")
 
 
 class _Checkpoint:
@@ -339,8 +308,9 @@ def _require(count: int, layer: TrackedLayer) -> None:
         )
 
 
-def _covariance_fn(stats: dict[str, _Stats], current: _Batch):
-    """Accumulate A and S (their diagonal blocks) over unmasked tokens."""
+def _covariance_callbacks(stats: dict[str, _Stats]):
+    """Accumulate A and S (their diagonal blocks) over unmasked tokens (§3)."""
+    positions: dict[str, int] = {}
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)
@@ -350,10 +320,15 @@ def _covariance_fn(stats: dict[str, _Stats], current: _Batch):
             s.a_cov[i] += (a2[:, lo:hi].t() @ a2[:, lo:hi]).double()
         for i, (lo, hi) in enumerate(s.out_bounds):
             s.s_cov[i] += (g2[:, lo:hi].t() @ g2[:, lo:hi]).double()
-        s.tokens += current.tokens(a)
-        s.sequences += a.shape[0]
+        positions[layer.name] = a.shape[0] * a.shape[1]
 
-    return on_layer
+    def on_batch(end: BatchEnd) -> None:
+        masked = int(end.mask.sum()) if end.mask is not None else None
+        for name, s in stats.items():
+            s.tokens += masked if masked is not None else positions[name]
+            s.sequences += end.size
+
+    return on_layer, on_batch
 
 
 def _eigh(blocks: list[Tensor], count: int) -> tuple[Basis, Tensor]:
@@ -375,9 +350,8 @@ def _eigenbases(s: _Stats) -> tuple[Basis, Basis, Tensor, Tensor]:
     return q_out, q_in, lam_s, lam_a
 
 
-def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict, resumed: bool = False):
-    """Accumulate Σ_seq (Q_Sᵀ DW̄_seq Q_A)^∘2 (diagonal Fisher: Q = I)."""
-    counted: dict[str, int] = {n: s.sequences for n, s in stats.items()} if resumed else {}
+def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
+    """Accumulate Σ_seq (Q_Sᵀ DW̄_seq Q_A)^∘2 (diagonal Fisher: Q = I) (§3)."""
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)
@@ -387,7 +361,5 @@ def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict, resumed: bool = False)
             g = q_out.to_basis(g, -1)  # Ds' = Q_Sᵀ Ds per token, (B, T, P)
         dw = torch.einsum("btp,btm->bpm", g, a)  # (B, P, M+1) rotated per-sequence gradient
         s.lam += dw.square().sum(0).double()
-        counted[layer.name] = counted.get(layer.name, 0) + a.shape[0]
-        s.sequences = counted[layer.name]
 
     return on_layer

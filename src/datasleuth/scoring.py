@@ -1,25 +1,27 @@
-"""Influence scores: pairwise (queries × training examples), self-influence, per layer.
+"""Influence scores: pairwise (queries × training examples), self-influence, per layer, per token.
 
-Sign and scale (METHOD.md §1; Grosse et al. 2023, Eq. 25):
+Sign and scale (docs/method.md §1; Grosse et al. 2023, Eq. 25):
 
-    score(q, m) = ∇θ f_q(θs)ᵀ (G + λI)⁻¹ ∇θ [−L(z_m, θs)]
+    score(q, m) = ∇θ f_q(θs)ᵀ (G + λI)⁻¹ ∇θ log p(z_m; θs),   log p(z_m) = −L(z_m, θs)
 
 summed over tracked layers (block-diagonal G). A positive score means that adding z_m
 to the training set raises the measurement f_q; scores are **not** divided by the
 number of training examples N (the first-order change of f_q from adding z_m to a
 mean-loss objective over N examples is score / N). Self-influence is
 ∇Lᵀ (G + λI)⁻¹ ∇L, the diagonal of the pairwise matrix when each query is a training
-example measured by its own log-likelihood f = −L.
+example measured by its own log-likelihood.
 
 Order of work: each query gradient is preconditioned once; training examples are then
-streamed batch by batch, their per-example layer gradients DW̄ = Σ_t Ds_t ā_tᵀ formed
-from captured activations and output gradients (no weight gradient is ever computed),
-scored and dropped.
+streamed (:func:`datasleuth.streaming.stream`, whose captured gradients are those of
+the log-likelihood, so a score is a plain inner product) and every tracked layer's
+captured (ā, Ds) goes to a per-layer :class:`LayerScorer` — full rank here, low rank
+(:mod:`datasleuth.scale.batching`) or projected (:mod:`datasleuth.scale.index`) — that
+returns the layer's (B, Q) scores. No weight gradient is ever computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,28 +30,29 @@ from torch import Tensor, nn
 
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
-from datasleuth.layers import (
-    TrackedLayer,
-    backward_to_outputs,
-    capture,
-    layers_by_name,
-    per_example_gradients,
-)
-from datasleuth.progress import progress_bar
+from datasleuth.layers import TrackedLayer, layers_by_name, per_example_gradients
+from datasleuth.preconditioner import Preconditioner
+from datasleuth.streaming import BatchEnd, stream
 from datasleuth.task import Task
-from datasleuth.utils import compute_dtype, to_device
 
 __all__ = [
-    "Preconditioner",
+    "Features",
+    "FullRankScorer",
+    "LayerScorer",
     "Scores",
     "collect_gradients",
-    "precondition_queries",
-    "scan_scores",
+    "collect_scores",
     "pairwise_scores",
+    "precondition_queries",
+    "scan",
+    "scan_scores",
     "self_influence",
     "token_scores",
     "top_k",
 ]
+
+Features = Callable[[Tensor, Tensor], Tensor]
+"""Per-layer gradient features from ā (B,T,M+1) and Ds (B,T,P): (B, ...)."""
 
 
 @dataclass
@@ -68,63 +71,28 @@ class Scores:
     loss: Tensor | None = None
 
 
-class Preconditioner(Protocol):
-    """What scoring needs from a curvature estimate: any object with these members.
+class LayerScorer(Protocol):
+    """Scores one layer's captured (ā, Ds) of a batch against every query."""
 
-    :class:`~datasleuth.curvature.Curvature` (identity, diagonal, K-FAC, EK-FAC) is one;
-    the reference estimators in :mod:`datasleuth.estimators` are others.
-    """
-
-    kind: str
-
-    @property
-    def layer_names(self) -> list[str]: ...
-
-    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        """(G + λI)⁻¹ applied to per-example layer gradients {name: (B, P, M+1)}."""
+    def __call__(self, a: Tensor, g: Tensor) -> Tensor:
+        """(B, Q) scores from ā (B, T, M+1) and Ds (B, T, P), padding already zero."""
         ...
 
-    def to(self, device: torch.device | str) -> Preconditioner: ...
 
+class FullRankScorer:
+    """⟨Ṽ_q, DW̄⟩ with the full preconditioned query gradients Ṽ (Q, P, M+1) (§1).
 
-def _layers(model: nn.Module, curvature: Preconditioner) -> list[TrackedLayer]:
-    return layers_by_name(model, curvature.layer_names)
-
-
-def _stream(
-    model: nn.Module,
-    task: Task,
-    loader: Iterable[Any],
-    layers: list[TrackedLayer],
-    on_layer: Callable[[TrackedLayer, Tensor, Tensor], None],
-    on_batch_end: Callable[[int], None],
-    objective: str,
-    desc: str,
-    progress: bool,
-    on_values: Callable[[Tensor], None] | None = None,
-) -> None:
-    """Run forward + output-gradient backward over ``loader``; call back per layer/batch.
-
-    ``on_values`` receives each batch's per-example objective values (detached).
+    Cost per batch: 2 B T P (M+1) multiply-adds to form DW̄, 2 B Q P (M+1) for the dots.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with capture(model, layers, on_layer, dtype=compute_dtype(model)) as state:
-            for batch in progress_bar(loader, desc=desc, enabled=progress):
-                batch = to_device(batch, device)
-                state.set_batch(task.mask(batch))
-                if objective == "loss":
-                    values = task.loss(model, batch)
-                else:
-                    values = task.measurement(model, batch)
-                backward_to_outputs(values.sum(), state)
-                if on_values is not None:
-                    on_values(values.detach())
-                on_batch_end(values.shape[0])
-    finally:
-        model.train(was_training)
+
+    def __init__(self, preconditioned: Tensor):
+        self.flat = preconditioned.reshape(preconditioned.shape[0], -1)  # (Q, P(M+1))
+
+    def __call__(self, a: Tensor, g: Tensor) -> Tensor:
+        if self.flat.dtype != a.dtype or self.flat.device != a.device:
+            self.flat = self.flat.to(a.device, a.dtype)
+        dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of log p
+        return dw.reshape(dw.shape[0], -1) @ self.flat.t()  # (B, Q)
 
 
 def collect_gradients(
@@ -134,18 +102,22 @@ def collect_gradients(
     layers: list[TrackedLayer],
     objective: str = "measurement",
     progress: bool = False,
+    features: Mapping[str, Features] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-example layer gradients {name: (N, P, M+1)} of the measurement or the loss.
+    """Per-example layer gradients {name: (N, P, M+1)} of an objective (streaming module).
 
-    Holds every example's gradient: meant for queries (few), not for a training corpus.
+    ``features`` maps layer names to another per-example feature of (ā, Ds) than the
+    gradient DW̄, e.g. an index's projection. Holds every example's result: meant for
+    queries (few), not for a training corpus.
     """
     chunks: dict[str, list[Tensor]] = {layer.name: [] for layer in layers}
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
-        chunks[layer.name].append(per_example_gradients(a, g))
+        fn = features[layer.name] if features is not None else per_example_gradients
+        chunks[layer.name].append(fn(a, g))
 
-    _stream(model, task, loader, layers, on_layer, lambda n: None, objective,
-            "query gradients", progress)
+    stream(model, task, loader, layers, on_layer, objective=objective,
+           desc="query gradients", progress=progress)
     if not chunks[layers[0].name]:
         raise DatasleuthError("the query loader yielded no batches; give at least one query")
     return {name: torch.cat(c) for name, c in chunks.items()}
@@ -157,44 +129,75 @@ def precondition_queries(
     curvature: Preconditioner,
     queries: Iterable[Any],
     progress: bool = False,
+    features: Mapping[str, Features] | None = None,
 ) -> dict[str, Tensor]:
-    """Ṽ_q = (G + λI)⁻¹ ∇f_q per layer: {name: (Q, P, M+1)} (METHOD.md §1, §3)."""
-    layers = _layers(model, curvature)
-    grads = collect_gradients(model, task, queries, layers, "measurement", progress)
+    """Ṽ_q = (G + λI)⁻¹ ∇f_q per layer: {name: (Q, P, M+1)} (docs/method.md §1, §3).
+
+    With ``features`` (e.g. an index's projections), the query features are
+    preconditioned instead: {name: (Q, D_ℓ)}.
+    """
+    layers = layers_by_name(model, curvature.layer_names)
+    grads = collect_gradients(model, task, queries, layers, "measurement", progress, features)
     device = next(model.parameters()).device
     return curvature.to(device).precondition(grads)
+
+
+def scan(
+    model: nn.Module,
+    task: Task,
+    train: Iterable[Any],
+    scorers: Mapping[str, LayerScorer],
+    on_scores: Callable[[int, Tensor], None],
+    progress: bool = True,
+    desc: str = "scoring",
+) -> None:
+    """Stream ``train`` once; call ``on_scores(first_index, scores (B, Q, L))`` per batch.
+
+    ``first_index`` is the position of the batch's first example in iteration order;
+    the layer axis follows the order of ``scorers``. Memory is one batch.
+    """
+    layers = layers_by_name(model, list(scorers))
+    names = [layer.name for layer in layers]
+    buffer: dict[str, Tensor] = {}
+
+    def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        buffer[layer.name] = scorers[layer.name](a, g)
+
+    def on_batch(end: BatchEnd) -> None:
+        on_scores(end.first, torch.stack([buffer.pop(n) for n in names], dim=-1))
+
+    stream(model, task, train, layers, on_layer, objective="loglik", on_batch=on_batch,
+           desc=desc, progress=progress)
 
 
 def scan_scores(
     model: nn.Module,
     task: Task,
-    preconditioned: dict[str, Tensor],
+    preconditioned: Mapping[str, Tensor],
     train: Iterable[Any],
     on_scores: Callable[[int, Tensor], None],
     progress: bool = True,
 ) -> None:
-    """Stream ``train`` and call ``on_scores(first_index, scores (B, Q, L))`` per batch.
+    """:func:`scan` with full-rank preconditioned queries {name: (Q, P, M+1)}."""
+    scorers = {name: FullRankScorer(v) for name, v in preconditioned.items()}
+    scan(model, task, train, scorers, on_scores, progress)
 
-    ``first_index`` is the position of the batch's first example in iteration order;
-    the layer axis follows the order of ``preconditioned``. Memory is one batch.
-    """
-    layers = layers_by_name(model, list(preconditioned))
-    position = {layer.name: i for i, layer in enumerate(layers)}
-    flat = {name: v.reshape(v.shape[0], -1) for name, v in preconditioned.items()}  # (Q, P*M)
-    buffer: dict[int, Tensor] = {}
-    seen = [0]
 
-    def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
-        dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of L
-        buffer[position[layer.name]] = -(dw.reshape(dw.shape[0], -1) @ flat[layer.name].t())
-
-    def on_batch_end(n: int) -> None:
-        scores = torch.stack([buffer[i] for i in range(len(layers))], dim=-1)  # (B, Q, L)
-        buffer.clear()
-        on_scores(seen[0], scores)
-        seen[0] += n
-
-    _stream(model, task, train, layers, on_layer, on_batch_end, "loss", "scoring", progress)
+def collect_scores(
+    model: nn.Module,
+    task: Task,
+    train: Iterable[Any],
+    scorers: Mapping[str, LayerScorer],
+    progress: bool = True,
+    desc: str = "scoring",
+) -> Scores:
+    """Every score of :func:`scan`, held in memory: total (Q, N), per layer (Q, N, L)."""
+    parts: list[Tensor] = []
+    scan(model, task, train, scorers, lambda start, s: parts.append(s.cpu()), progress, desc)
+    if not parts:
+        raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
+    per_layer = torch.cat(parts).permute(1, 0, 2).contiguous()  # (Q, N, L)
+    return Scores(per_layer.sum(-1), per_layer, list(scorers))
 
 
 def pairwise_scores(
@@ -207,12 +210,10 @@ def pairwise_scores(
 ) -> Scores:
     """Influence of every training example on every query: total (Q, N), per layer (Q, N, L)."""
     pre = precondition_queries(model, task, curvature, queries, progress)
-    parts: list[Tensor] = []
-    scan_scores(model, task, pre, train, lambda start, s: parts.append(s.cpu()), progress)
-    if not parts:
-        raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
-    per_layer = torch.cat(parts).permute(1, 0, 2).contiguous()  # (Q, N, L)
-    return Scores(per_layer.sum(-1), per_layer, curvature.layer_names)
+    scorers = {name: FullRankScorer(v) for name, v in pre.items()}
+    scores = collect_scores(model, task, train, scorers, progress)
+    scores.layer_names = list(curvature.layer_names)
+    return scores
 
 
 def self_influence(
@@ -233,23 +234,24 @@ def self_influence(
     names = [layer.name for layer in layers]
     buffer: dict[str, Tensor] = {}
     parts: list[Tensor] = []
+    losses: list[Tensor] = []
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         dw = per_example_gradients(a, g)  # (B, P, M+1)
         buffer[layer.name] = curv.layers[layer.name].quadratic(dw) if fast else dw
 
-    def on_batch_end(n: int) -> None:
+    def on_batch(end: BatchEnd) -> None:
         if fast:
             per_layer = [buffer[name] for name in names]
         else:
             pre = curv.precondition(buffer)
             per_layer = [(pre[name] * buffer[name]).sum((-2, -1)) for name in names]
         parts.append(torch.stack(per_layer, -1).cpu())
+        losses.append(-end.values.cpu())  # the objective is log p = −L
         buffer.clear()
 
-    losses: list[Tensor] = []
-    _stream(model, task, train, layers, on_layer, on_batch_end, "loss", "self-influence",
-            progress, on_values=lambda v: losses.append(v.cpu()))
+    stream(model, task, train, layers, on_layer, on_batch=on_batch, desc="self-influence",
+           progress=progress)
     if not parts:
         raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
     per_layer = torch.cat(parts)  # (N, L)
@@ -259,26 +261,26 @@ def self_influence(
 def token_scores(
     model: nn.Module,
     task: Task,
-    preconditioned: dict[str, Tensor],
+    preconditioned: Mapping[str, Tensor],
     batch: Any,
 ) -> Tensor:
-    """Token-wise influence (METHOD.md §6): (B, Q, T, L) with
-    score_{t,ℓ} = −Ds_{ℓ,t}ᵀ Ṽ_ℓ ā_{ℓ,t}; summing over t and ℓ gives the pairwise score.
+    """Token-wise influence (docs/method.md §6): (B, Q, T, L) with
+    score_{t,ℓ} = Ds_{ℓ,t}ᵀ Ṽ_ℓ ā_{ℓ,t}; summing over t and ℓ gives the pairwise score.
 
-    Position t pairs the layer input at token t with the gradient of the loss terms that
-    depend on it (for a causal LM: predicting token t+1 and later).
+    Ds is the gradient of log p (streaming module). Position t pairs the layer input at
+    token t with the gradient of the loss terms that depend on it (for a causal LM:
+    predicting token t+1 and later).
     """
     layers = layers_by_name(model, list(preconditioned))
-    position = {layer.name: i for i, layer in enumerate(layers)}
-    out: dict[int, Tensor] = {}
+    out: dict[str, Tensor] = {}
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         v = preconditioned[layer.name].to(a.dtype)  # (Q, P, M+1)
         va = torch.einsum("qpm,btm->bqtp", v, a)  # Ṽ ā_t, (B, Q, T, P)
-        out[position[layer.name]] = -torch.einsum("bqtp,btp->bqt", va, g)
+        out[layer.name] = torch.einsum("bqtp,btp->bqt", va, g)
 
-    _stream(model, task, [batch], layers, on_layer, lambda n: None, "loss", "tokens", False)
-    return torch.stack([out[i] for i in range(len(layers))], dim=-1)
+    stream(model, task, [batch], layers, on_layer, desc="tokens")
+    return torch.stack([out[layer.name] for layer in layers], dim=-1)
 
 
 def top_k(scores: Tensor, k: int = 10, largest: bool = True) -> list[list[tuple[int, float]]]:

@@ -122,7 +122,3 @@ def stream(
             seen += values.shape[0]
     return seen
 
-
-def tokens_in(end: BatchEnd, a: Tensor) -> int:
-    """Unmasked positions of a batch whose layer input is ``a`` (B, T, ·)."""
-    return int(end.mask.sum()) if end.mask is not None else a.shape[0] * a.shape[1]

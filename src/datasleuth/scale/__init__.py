@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datasleuth.scale.batching import (
     LowRankQueries,
+    LowRankScorer,
     compress_queries,
     low_rank_scores,
     rescore,
@@ -19,7 +20,9 @@ from datasleuth.scale.bm25 import CandidateFilter
 from datasleuth.scale.index import (
     GradientIndex,
     IndexConfig,
+    LayerProjection,
     ProjectedCurvature,
+    ProjectedScorer,
     build_index,
     fit_projected_curvature,
 )
@@ -28,8 +31,11 @@ __all__ = [
     "CandidateFilter",
     "GradientIndex",
     "IndexConfig",
+    "LayerProjection",
     "LowRankQueries",
+    "LowRankScorer",
     "ProjectedCurvature",
+    "ProjectedScorer",
     "build_index",
     "compress_queries",
     "fit_projected_curvature",

@@ -4,10 +4,10 @@ Grosse et al. 2023, §3.2.2. The preconditioned query gradient of a tracked laye
 Ṽ = (G_ℓ + λ_ℓ I)⁻¹ ∇f (P×(M+1)), is kept as a truncated SVD Ṽ ≈ L R with
 L = U_k diag(σ_1..σ_k) (P×k) and R = V_kᵀ (k×(M+1)); k = 32 by default (Pearson 0.995
 against full rank on a 52B model in the paper). With the engine's sign convention (the
-captured Ds is the gradient of the loss L, see :mod:`datasleuth.scoring`), the score
-against a training sequence is then
+captured Ds is the gradient of the log-likelihood, see :mod:`datasleuth.streaming`), the
+score against a training sequence is then
 
-    score = −⟨Ṽ, Σ_t Ds_t ā_tᵀ⟩ ≈ −Σ_t (Ds_tᵀ L)(R ā_t)
+    score = ⟨Ṽ, Σ_t Ds_t ā_tᵀ⟩ ≈ Σ_t (Ds_tᵀ L)(R ā_t)
 
 so the per-sequence gradient DW̄ (P×(M+1)) is never formed. A layer whose gradient is
 no larger than the rank, min(P, M+1) ≤ k, is kept exactly (full rank) and scored like
@@ -54,15 +54,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datasleuth.errors import DatasleuthError
-from datasleuth.layers import TrackedLayer, layers_by_name, per_example_gradients
+from datasleuth.layers import per_example_gradients
+from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
-from datasleuth.scoring import (
-    Preconditioner,
-    Scores,
-    _stream,
-    precondition_queries,
-    scan_scores,
-)
+from datasleuth.scoring import FullRankScorer, Scores, collect_scores, precondition_queries, scan
 from datasleuth.storage import load_tensors, save_tensors
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
@@ -70,6 +65,7 @@ from datasleuth.utils import compute_dtype
 __all__ = [
     "DEFAULT_RANK",
     "LowRankQueries",
+    "LowRankScorer",
     "compress_queries",
     "low_rank_scores",
     "memory_numbers",
@@ -398,14 +394,14 @@ def compress_queries(
 _PATHS = ("auto", "tokens", "reconstruct")
 
 
-class _LayerScorer:
+class LowRankScorer:
     """Scores one layer's captured (ā, Ds) against every query.
 
-    Two exact evaluations of −⟨L R, DW̄⟩ for a low-rank layer, fixed by ``path`` or
+    Two exact evaluations of ⟨L R, DW̄⟩ for a low-rank layer, fixed by ``path`` or
     chosen per batch by multiply-add count (``path="auto"``, which ignores memory
     traffic):
 
-    * ``"tokens"`` (Grosse et al. 2023, §3.2.2): −Σ_t (Ds_tᵀ L)(R ā_t); DW̄ is never
+    * ``"tokens"`` (Grosse et al. 2023, §3.2.2): Σ_t (Ds_tᵀ L)(R ā_t); DW̄ is never
       formed; B T Q k (P + M + 1) per batch.
     * ``"reconstruct"``: rebuild Ṽ = L R for a chunk of queries at a time (transient
       memory of one chunk) and take dot products with the batch's DW̄, formed once as in
@@ -436,8 +432,8 @@ class _LayerScorer:
         p = g.shape[2]
         if self.full is not None:
             # 2 B T P (M+1) FLOPs to form DW̄, then 2 B Q P (M+1) for the dot products.
-            dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of L
-            return -(dw.reshape(b, -1) @ self.full.t())  # (B, Q)
+            dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of log p
+            return dw.reshape(b, -1) @ self.full.t()  # (B, Q)
         path = self.path
         if path == "auto":
             tokens = b * t * self.q * self.k * (p + m1)
@@ -448,7 +444,7 @@ class _LayerScorer:
             step = max(1, _CHUNK_ELEMENTS // max(1, p * m1))
             out = [dw @ torch.bmm(self.l3[q0 : q0 + step], self.r3[q0 : q0 + step])
                    .reshape(-1, p * m1).t() for q0 in range(0, self.q, step)]
-            return -torch.cat(out, dim=1)  # (B, Q)
+            return torch.cat(out, dim=1)  # (B, Q)
         # 2 B T Q k (P + M + 1) FLOPs for the two GEMMs, B T Q k for the product-sum.
         a2, g2 = a.reshape(b * t, -1), g.reshape(b * t, -1)  # (BT, M+1), (BT, P)
         step = max(1, _CHUNK_ELEMENTS // max(1, b * t * self.k))
@@ -458,7 +454,15 @@ class _LayerScorer:
             u = g2 @ self.left[:, cols]  # Ds_tᵀ L, (BT, Qc k)
             w = a2 @ self.right[:, cols]  # R ā_t, (BT, Qc k)
             out.append(u.mul_(w).reshape(b, t, -1, self.k).sum((1, 3)))  # (B, Qc)
-        return -torch.cat(out, dim=1)  # (B, Q)
+        return torch.cat(out, dim=1)  # (B, Q)
+
+
+def _scorers(model: nn.Module, queries: LowRankQueries, path: str) -> dict[str, LowRankScorer]:
+    if path not in _PATHS:
+        raise DatasleuthError(f"path must be one of {', '.join(_PATHS)}, not {path!r}")
+    device = next(model.parameters()).device
+    dtype = compute_dtype(model)
+    return {n: LowRankScorer(queries, n, dtype, device, path) for n in queries.layer_names}
 
 
 def scan_low_rank(
@@ -472,34 +476,14 @@ def scan_low_rank(
 ) -> None:
     """Stream ``train`` once and call ``on_scores(first_index, scores (B, Q, L))`` per batch.
 
-    Like :func:`datasleuth.scoring.scan_scores`, but each low-rank layer is scored
-    against the compressed queries Ṽ ≈ L R (METHOD.md §4; Grosse et al. 2023, §3.2.2):
-    by default −Σ_t (Ds_tᵀ L)(R ā_t), never forming DW̄ (``path``; see
-    :class:`_LayerScorer`);
-    layers kept at full rank take the per-example gradient path. The layer axis follows
-    ``queries.layer_names``.
+    :func:`datasleuth.scoring.scan` with a :class:`LowRankScorer` per layer: each
+    low-rank layer is scored against the compressed queries Ṽ ≈ L R (docs/method.md §4;
+    Grosse et al. 2023, §3.2.2), by default Σ_t (Ds_tᵀ L)(R ā_t), never forming DW̄
+    (``path``); layers kept at full rank take the per-example gradient path. The layer
+    axis follows ``queries.layer_names``.
     """
-    if path not in _PATHS:
-        raise DatasleuthError(f"path must be one of {', '.join(_PATHS)}, not {path!r}")
-    layers = layers_by_name(model, queries.layer_names)
-    position = {layer.name: i for i, layer in enumerate(layers)}
-    device = next(model.parameters()).device
-    dtype = compute_dtype(model)
-    scorers = {n: _LayerScorer(queries, n, dtype, device, path) for n in queries.layer_names}
-    buffer: dict[int, Tensor] = {}
-    seen = [0]
-
-    def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
-        buffer[position[layer.name]] = scorers[layer.name](a, g)
-
-    def on_batch_end(n: int) -> None:
-        scores = torch.stack([buffer[i] for i in range(len(layers))], dim=-1)  # (B, Q, L)
-        buffer.clear()
-        on_scores(seen[0], scores)
-        seen[0] += n
-
-    _stream(model, task, train, layers, on_layer, on_batch_end, "loss", "scoring (low rank)",
-            progress)
+    scan(model, task, train, _scorers(model, queries, path), on_scores, progress,
+         "scoring (low rank)")
 
 
 def low_rank_scores(
@@ -511,13 +495,8 @@ def low_rank_scores(
     path: str = "tokens",
 ) -> Scores:
     """All scores of :func:`scan_low_rank`: total (Q, N), per layer (Q, N, L)."""
-    parts: list[Tensor] = []
-    scan_low_rank(model, task, queries, train, lambda start, s: parts.append(s.cpu()), progress,
-                  path)
-    if not parts:
-        raise DatasleuthError("the training loader yielded no batches; give a non-empty dataset")
-    per_layer = torch.cat(parts).permute(1, 0, 2).contiguous()  # (Q, N, L)
-    return Scores(per_layer.sum(-1), per_layer, list(queries.layer_names))
+    return collect_scores(model, task, train, _scorers(model, queries, path), progress,
+                          "scoring (low rank)")
 
 
 def top_candidates(scores: Tensor, n: int) -> Tensor:
@@ -562,10 +541,5 @@ def rescore(
     for a chunk of queries at a time if memory is short). Columns follow the order of
     ``train_subset_loader`` (e.g. :func:`subset_loader`).
     """
-    parts: list[Tensor] = []
-    scan_scores(model, task, dict(preconditioned_full), train_subset_loader,
-                lambda start, s: parts.append(s.cpu()), progress)
-    if not parts:
-        raise DatasleuthError("the candidate loader yielded no batches; give at least one index")
-    per_layer = torch.cat(parts).permute(1, 0, 2).contiguous()  # (Q, n, L)
-    return Scores(per_layer.sum(-1), per_layer, list(preconditioned_full))
+    scorers = {name: FullRankScorer(v) for name, v in preconditioned_full.items()}
+    return collect_scores(model, task, train_subset_loader, scorers, progress, "re-scoring")

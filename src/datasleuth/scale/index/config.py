@@ -1,0 +1,96 @@
+"""What an index stores and how it projects: :class:`IndexConfig` (docs/method.md §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from datasleuth.errors import DatasleuthError
+from datasleuth.layers import TrackedLayer
+
+__all__ = ["INDEX_FORMAT_VERSION", "IndexConfig", "KSpec", "STORAGE_DTYPES"]
+
+INDEX_FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+_PROJECTION_KINDS = ("gaussian", "identity")
+
+KSpec = int | None | Mapping[str, int | None]
+
+
+def _check_k(value: Any, what: str) -> None:
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    if not ok:
+        raise DatasleuthError(f"{what} must be a positive integer or None (full size), "
+                              f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index projects and stores gradients; written into its manifest.
+
+    Attributes:
+        k_in: projected size of each layer's input side (``None`` = M+1, the full size),
+            or a mapping from layer name to that size (layers not named get 16).
+            Values above the layer's size are clamped to it.
+        k_out: projected size of the output side (``None`` = P), same rules as ``k_in``.
+        projection: ``"gaussian"`` (entries N(0, 1/k), Choe et al. 2024) or
+            ``"identity"`` (no projection: requires full sizes; exact unprojected
+            influence, for small models and tests).
+        seed: seed of the Gaussian projections (combined with each layer's name).
+        dtype: storage dtype of the rows, ``"float16"`` (default), ``"float32"`` or
+            ``"float64"`` (tests, references). Gradients are always computed in float32
+            (float64 for float64 models) and cast at the end.
+        shard_size: sequences per shard file (the unit of resuming and of exact search).
+    """
+
+    k_in: KSpec = 16
+    k_out: KSpec = 16
+    projection: str = "gaussian"
+    seed: int = 0
+    dtype: str = "float16"
+    shard_size: int = 4096
+
+    def __post_init__(self) -> None:
+        for what in ("k_in", "k_out"):
+            value = getattr(self, what)
+            if isinstance(value, Mapping):
+                for name, k in value.items():
+                    _check_k(k, f"{what}[{name!r}]")
+                object.__setattr__(self, what, dict(sorted(value.items())))
+            else:
+                _check_k(value, what)
+        if self.projection not in _PROJECTION_KINDS:
+            raise DatasleuthError(f"projection must be one of {', '.join(_PROJECTION_KINDS)}, "
+                                  f"not {self.projection!r}")
+        sizes = [self.k_in, self.k_out]
+        sizes += [x for v in sizes if isinstance(v, Mapping) for x in v.values()]
+        if self.projection == "identity" and any(isinstance(v, int) for v in sizes):
+            raise DatasleuthError("the identity projection keeps every dimension; set "
+                                  "k_in=None and k_out=None with projection='identity'")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            raise DatasleuthError(f"seed must be an integer, got {self.seed!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise DatasleuthError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, "
+                                  f"not {self.dtype!r}")
+        if not (isinstance(self.shard_size, int) and self.shard_size >= 1):
+            raise DatasleuthError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+
+    def dims(self, layer: TrackedLayer) -> tuple[int, int]:
+        """(k_out, k_in) of ``layer``: the configured sizes, clamped to (P, M+1)."""
+        p, m = layer.grad_shape
+
+        def pick(spec: KSpec, full: int) -> int:
+            k = spec.get(layer.name, 16) if isinstance(spec, Mapping) else spec
+            return full if k is None else min(int(k), full)
+
+        return pick(self.k_out, p), pick(self.k_in, m)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> IndexConfig:
+        return cls(**d)

@@ -1,0 +1,140 @@
+"""The Gauss-Newton matrix in an index's projected space (docs/method.md §7).
+
+G̃_ℓ = (1/N) Σ_n g̃_n g̃_nᵀ over per-sequence projected pseudo-gradients g̃ (D_ℓ), which is
+P G_ℓ Pᵀ for P = P_out ⊗ P_in; (G̃_ℓ + λ_ℓ I)⁻¹ is applied with a Cholesky solve in
+float64 (Choe et al. 2024, §3.2). :class:`ProjectedCurvature` is a
+:class:`~datasleuth.preconditioner.Preconditioner` whose layer gradients are projected
+rows {name: (Q, D_ℓ)}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from datasleuth.distributed import all_reduce_int, all_reduce_sum, rank_seed
+from datasleuth.errors import DatasleuthError
+from datasleuth.layers import TrackedLayer, layers_by_name
+from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, Damping, resolve_damping
+from datasleuth.scale.index.config import INDEX_FORMAT_VERSION
+from datasleuth.storage import load_tensors, save_tensors
+from datasleuth.streaming import BatchEnd, stream
+from datasleuth.task import Task
+
+if TYPE_CHECKING:
+    from datasleuth.scale.index.store import GradientIndex
+
+__all__ = ["CURVATURE_FILE", "ProjectedCurvature", "fit_projected_curvature"]
+
+CURVATURE_FILE = "curvature.safetensors"
+
+
+class ProjectedCurvature:
+    """Damped Gauss-Newton per layer in the projected space, inverted exactly."""
+
+    kind = "projected"
+
+    def __init__(self, ggn: dict[str, Tensor], damping: dict[str, float], metadata: dict):
+        self.ggn = ggn
+        self.damping = damping
+        self.metadata = metadata
+        self._chol: dict[str, Tensor] = {}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.ggn)
+
+    def _factor(self, name: str) -> Tensor:
+        if name not in self._chol:
+            g = self.ggn[name].double()
+            eye = torch.eye(g.shape[0], dtype=torch.float64)
+            self._chol[name] = torch.linalg.cholesky(0.5 * (g + g.t()) + self.damping[name] * eye)
+        return self._chol[name]
+
+    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """(G̃_ℓ + λ_ℓ I)⁻¹ applied to projected rows {name: (Q, D_ℓ)}."""
+        out = {}
+        for name, v in grads.items():
+            x = torch.cholesky_solve(v.double().t().cpu(), self._factor(name)).t()
+            out[name] = x.to(v.dtype).to(v.device)
+        return out
+
+    def to(self, device: torch.device | str) -> ProjectedCurvature:
+        return self  # solved on the CPU in float64; results go back to the rows' device
+
+    def dense(self, name: str) -> Tensor:
+        """G̃_ℓ + λ_ℓ I, (D_ℓ, D_ℓ) float64; tests only."""
+        g = self.ggn[name].double()
+        return g + self.damping[name] * torch.eye(g.shape[0], dtype=torch.float64)
+
+    def save(self, path: str | os.PathLike) -> None:
+        meta = dict(self.metadata, damping=self.damping, format_version=INDEX_FORMAT_VERSION)
+        save_tensors(path, {f"{n}/ggn": g for n, g in self.ggn.items()}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ProjectedCurvature:
+        tensors, meta = load_tensors(path)
+        damping = {n: float(d) for n, d in meta.pop("damping").items()}
+        return cls({n: tensors[f"{n}/ggn"] for n in damping}, damping, meta)
+
+
+def fit_projected_curvature(
+    model: nn.Module,
+    task: Task,
+    loader: Iterable[Any],
+    index: GradientIndex,
+    *,
+    fisher: str = "sampled",
+    damping: Damping = None,
+    damping_scale: float = DEFAULT_DAMPING_SCALE,
+    seed: int = 0,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> ProjectedCurvature:
+    """Fit the projected Gauss-Newton of every layer of ``index`` and store it there.
+
+    Streams ``loader`` once, accumulating (1/N) Σ g̃ g̃ᵀ per layer in float64 from the
+    per-sequence projected pseudo-gradients, with labels sampled from the model
+    (``fisher="sampled"``, the true Fisher = Gauss-Newton, docs/method.md §3) or the
+    data's own labels (``"empirical"``). Damping λ_ℓ = ``damping_scale`` × mean
+    eigenvalue of G̃_ℓ (= trace/D_ℓ) unless ``damping`` gives it (one number, or one per
+    layer). Writes ``curvature.safetensors`` into the index directory and attaches the
+    result to ``index``.
+    """
+    if fisher not in ("sampled", "empirical"):
+        raise DatasleuthError(f"fisher must be 'sampled' or 'empirical', not {fisher!r}")
+    index.check_model(model)
+    layers = layers_by_name(model, index.layer_names)
+    sums = {p.name: torch.zeros(p.dim, p.dim, dtype=torch.float64) for p in index.projections}
+    count = [0]
+
+    def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        rows = index.features[layer.name](a, g).double().cpu()  # (B, D_ℓ)
+        sums[layer.name] += rows.t() @ rows
+
+    def on_batch(end: BatchEnd) -> None:
+        count[0] += end.size
+
+    generator = torch.Generator().manual_seed(rank_seed(seed))
+    stream(model, task, loader, layers, on_layer,
+           objective="sampled" if fisher == "sampled" else "loglik", on_batch=on_batch,
+           generator=generator, max_batches=max_batches, desc="fit projected curvature",
+           progress=progress)
+    all_reduce_sum(list(sums.values()))  # one loader shard per process (datasleuth.distributed)
+    count[0] = all_reduce_int(count[0])
+    if count[0] == 0:
+        raise DatasleuthError("the curvature loader yielded no batches; pass a non-empty loader")
+    ggn = {name: s / count[0] for name, s in sums.items()}
+    damp = {name: resolve_damping(damping, name, float(torch.diagonal(g).mean()), damping_scale)
+            for name, g in ggn.items()}
+    meta = {"fisher": fisher, "seed": seed, "damping_scale": damping_scale,
+            "sequences": count[0], "fingerprint": index.fingerprint,
+            "config": index.config.to_dict()}
+    curvature = ProjectedCurvature(ggn, damp, meta)
+    curvature.save(index.directory / CURVATURE_FILE)
+    index.curvature = curvature
+    return curvature
