@@ -48,7 +48,6 @@ import json
 import math
 import os
 import re
-import secrets
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -58,6 +57,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.storage import write_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -556,24 +556,6 @@ def _render(results: Results) -> str:
     return _environment().get_template(_TEMPLATE_NAME).render(**context)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file in ``path``'s directory, then ``os.replace`` it.
-
-    The temp file is created with mode 0o666 minus the umask, like a plain ``open``.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def render_report(results: Results | dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Validate ``results`` and write the self-contained HTML report to ``path`` (atomically).
 
@@ -588,7 +570,7 @@ def render_report(results: Results | dict[str, Any], path: str | os.PathLike[str
     html = _render(doc)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out, html)
+        write_text(out, html)
     except OSError as exc:
         raise DatasleuthError(
             f"cannot write report {out} ({exc}); choose a writable path"

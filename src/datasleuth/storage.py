@@ -1,10 +1,13 @@
-"""Artifacts on disk: safetensors for tensors, JSON for metadata, atomic writes.
+"""Artifacts on disk: one atomic writer, safetensors for tensors, JSON for metadata.
 
-Nothing is ever pickled. A file is written under a temporary name in its final
-directory and renamed into place (``os.replace``), so a killed run never leaves a file
-that looks complete. Metadata records a format version, the configuration and a
-fingerprint of the model and its tracked layers; loading against anything else is
-refused with a message that says what differs.
+Nothing is ever pickled. Every file is written under a temporary name in its final
+directory, flushed to disk (``fsync``), renamed into place (``os.replace``) and the
+directory synced, so neither a killed run nor a power cut leaves a file that looks
+complete but is not (:func:`atomic_path`, :func:`write_bytes`, :func:`write_text`).
+Large tensors are written in pieces from disk (:func:`write_safetensors_stream`) and
+read back memory-mapped (:func:`memmap_safetensors`). Metadata records a format
+version, the configuration and a fingerprint of the model and its tracked layers;
+loading against anything else is refused with a message that says what differs.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+import secrets
+import shutil
+import struct
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,7 +36,14 @@ from datasleuth.layers import TrackedLayer
 __all__ = [
     "FORMAT_VERSION",
     "atomic_path",
+    "replace_durably",
+    "write_bytes",
+    "write_text",
     "write_json",
+    "StreamedTensor",
+    "write_safetensors_stream",
+    "memmap_safetensors",
+    "SAFETENSORS_DTYPES",
     "read_json",
     "save_tensors",
     "load_tensors",
@@ -45,23 +58,68 @@ _SAMPLES_PER_TENSOR = 4096
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it into place only on success."""
+    """Yield a new temporary file next to ``path``; on success make it ``path``, durably.
+
+    Write the temporary file any way you like (it exists, empty, with the mode a plain
+    ``open`` would give: 0o666 minus the umask) and close it. When the block ends
+    normally it is synced to disk and renamed onto ``path`` (:func:`replace_durably`);
+    when it raises, it is deleted and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield tmp
+        replace_durably(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def replace_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename the finished file ``src`` onto ``dst`` (same file system) crash-safely.
+
+    ``src`` is synced to disk first, then renamed with ``os.replace`` (atomic: readers
+    see the old file or the new one, never a mix), then ``dst``'s directory is synced so
+    the rename itself survives a power cut.
+    """
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dst)
+    _fsync_directory(Path(dst).parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Sync a directory entry table; a no-op where directories cannot be synced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows, where a directory cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the rename is done
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as UTF-8 (newlines kept as ``\\n``) atomically and durably."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write ``obj`` as indented JSON with sorted keys, atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -96,6 +154,119 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if "datasleuth" not in header:
         raise DatasleuthError(f"{path} was not written by datasleuth; point to a datasleuth file")
     return tensors, json.loads(header["datasleuth"])
+
+
+#: safetensors dtype names this module streams, and the numpy dtype each stores.
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(code) for name, code in (
+        ("BOOL", "|b1"), ("U8", "|u1"), ("I8", "|i1"), ("U16", "<u2"), ("I16", "<i2"),
+        ("F16", "<f2"), ("U32", "<u4"), ("I32", "<i4"), ("F32", "<f4"), ("U64", "<u8"),
+        ("I64", "<i8"), ("F64", "<f8"),
+    )
+}
+_COPY_CHUNK = 16 << 20
+
+
+class StreamedTensor(NamedTuple):
+    """One tensor for :func:`write_safetensors_stream`.
+
+    ``dtype`` is a safetensors dtype name (a key of :data:`SAFETENSORS_DTYPES`).
+    ``data`` is an array (converted to ``dtype``) or the path of a file holding exactly
+    the tensor's raw little-endian bytes in row-major order, copied in 16 MiB pieces.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | str | os.PathLike
+
+
+def write_safetensors_stream(
+    path: str | os.PathLike,
+    tensors: Sequence[StreamedTensor | tuple[str, str, tuple[int, ...], Any]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file piece by piece, atomically, in bounded memory.
+
+    Tensors are stored in the given order; raw-byte files are copied, never loaded
+    whole, so tensors larger than RAM are fine. ``metadata`` (str to str) goes into the
+    header's ``__metadata__``. Read the file with safetensors or :func:`memmap_safetensors`.
+    """
+    specs = [StreamedTensor(*t) for t in tensors]
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    offset = 0
+    for spec in specs:
+        if spec.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype!r}; use one of "
+                             f"{', '.join(SAFETENSORS_DTYPES)}")
+        if spec.name in header or spec.name == "__metadata__":
+            raise ValueError(f"tensor name {spec.name!r} is reserved or given twice")
+        nbytes = _count(spec.shape) * SAFETENSORS_DTYPES[spec.dtype].itemsize
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for spec in specs:
+            _write_tensor(out, spec, header[spec.name]["data_offsets"])
+
+
+def _count(shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _write_tensor(out: Any, spec: StreamedTensor, offsets: list[int]) -> None:
+    nbytes = offsets[1] - offsets[0]
+    if isinstance(spec.data, np.ndarray):
+        if spec.data.size != _count(spec.shape):
+            raise ValueError(f"tensor {spec.name!r} has {spec.data.size} values, shape "
+                             f"{tuple(spec.shape)} needs {_count(spec.shape)}")
+        array = np.ascontiguousarray(spec.data, dtype=SAFETENSORS_DTYPES[spec.dtype])
+        out.write(array.reshape(-1).view(np.uint8))
+        return
+    size = os.path.getsize(spec.data)
+    if size != nbytes:
+        raise ValueError(f"tensor {spec.name!r}: {spec.data} holds {size} bytes, shape "
+                         f"{tuple(spec.shape)} needs {nbytes}")
+    with open(spec.data, "rb") as fh:
+        shutil.copyfileobj(fh, out, _COPY_CHUNK)
+
+
+def memmap_safetensors(
+    path: str | os.PathLike, fix: str = "delete it and re-run the step that wrote it"
+) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory-mapped numpy array.
+
+    Nothing is read but the header, so files larger than RAM are fine. Dtypes are those
+    of :data:`SAFETENSORS_DTYPES`. A truncated or malformed file raises
+    :class:`DatasleuthError` naming ``fix`` as the remedy.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        specs = {k: v for k, v in header.items() if k != "__metadata__"}
+        for name, spec in specs.items():
+            begin, end = spec["data_offsets"]
+            want = _count(spec["shape"]) * SAFETENSORS_DTYPES[spec["dtype"]].itemsize
+            if begin < 0 or end - begin != want or 8 + n + end > size:
+                raise ValueError(f"tensor {name!r} does not fit the file's {size} bytes")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+        raise DatasleuthError(f"{path} is damaged ({e}); {fix}") from e
+    out = {}
+    for name, spec in specs.items():
+        begin, end = spec["data_offsets"]
+        dtype, shape = SAFETENSORS_DTYPES[spec["dtype"]], tuple(spec["shape"])
+        if end == begin:  # np.memmap cannot map zero bytes
+            out[name] = np.zeros(shape, dtype=dtype)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    return out
 
 
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:

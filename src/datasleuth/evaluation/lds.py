@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from datasleuth.errors import DatasleuthError
 from datasleuth.evaluation.metrics import spearman
+from datasleuth.storage import write_bytes, write_json
 
 __all__ = ["LDSResult", "make_subsets", "lds", "subset_hash", "run_lds_experiments"]
 
@@ -143,19 +144,11 @@ def subset_hash(mask: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes atomically via ``datasleuth.storage.atomic_path`` (CONTRACT.md)."""
-    from datasleuth.storage import atomic_path  # lazy: storage pulls in the curvature code
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def _check_manifest(cache_dir: Path, expected: dict[str, Any]) -> None:
     """Create the cache manifest, or refuse a cache made for another experiment."""
     path = cache_dir / _MANIFEST
     if not path.exists():
-        _atomic_write(path, (json.dumps(expected, indent=2, sort_keys=True) + "\n").encode())
+        write_json(path, expected)
         return
     try:
         found = json.loads(path.read_text())
@@ -213,7 +206,7 @@ def _save_state(path: Path, state: object, meta: dict[str, str]) -> bool:
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         return False
     flat = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    _atomic_write(path, st_save_torch(flat, metadata=meta))
+    write_bytes(path, st_save_torch(flat, metadata=meta))
     return True
 
 
@@ -314,7 +307,7 @@ def run_lds_experiments(
                                 stacklevel=2,
                             )
                             warned_state = True
-                    _atomic_write(
+                    write_bytes(
                         path, st_save_numpy({"outputs": values.astype(np.float64)}, metadata=meta)
                     )
                 if n_queries is None:

@@ -27,7 +27,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.scoring import scan_scores, token_scores
-from datasleuth.storage import load_tensors, save_tensors
+from datasleuth.storage import load_tensors, replace_durably, save_tensors
 
 __all__ = ["TraceConfig", "RunningTopK", "scan_corpus", "trace_details", "TOKEN_OFFSET_NOTE"]
 
@@ -303,7 +303,7 @@ class _ParquetParts:
         """Close the open part into place; return the number of finished parts."""
         if self.writer is not None:
             self.writer.close()
-            self.tmp.replace(self.dir / f"part-{self.next_part:05d}.parquet")
+            replace_durably(self.tmp, self.dir / f"part-{self.next_part:05d}.parquet")
             self.writer = None
             self.next_part += 1
         return self.next_part

@@ -1,0 +1,278 @@
+"""Pack documents into fixed-length training sequences that point back to their text.
+
+Influence scores are computed per *training sequence* (METHOD.md §1: L(z, θ) is summed
+over the tokens of one sequence z). Pretraining-style packing concatenates documents,
+separated by an EOS token, and cuts the stream into sequences of exactly ``seq_len``
+tokens. Every sequence keeps pointers back to the characters of the documents it came
+from (:class:`~datasleuth.lm.corpus.Segment`). Tokens stream to disk batch by batch, so
+memory stays bounded whatever the corpus size; the files are those of
+:mod:`datasleuth.lm.corpus.layout`, written through :mod:`datasleuth.storage`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datasleuth.errors import DatasleuthError
+from datasleuth.lm.corpus import layout
+from datasleuth.lm.corpus.fingerprint import (
+    ContentHash,
+    fingerprint,
+    separator_id,
+    source_key,
+    tokenizer_info,
+)
+from datasleuth.lm.corpus.packed import PackedCorpus
+from datasleuth.lm.corpus.readers import SOURCES_ATTR, is_paths, iter_batches, load_documents
+from datasleuth.progress import progress_bar
+from datasleuth.storage import atomic_path, replace_durably, write_json, write_safetensors_stream
+
+__all__ = ["pack_corpus"]
+
+_DOC_SCHEMA = pa.schema([("doc_index", pa.int64()), ("text", pa.large_string())])
+
+
+def _tokenize(tokenizer: Any, texts: list[str], sep: int) -> tuple[np.ndarray, ...]:
+    """Tokenise a batch; returns flat arrays (ids, char starts, char ends, ordinal, is_eos)."""
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                    return_attention_mask=False, return_token_type_ids=False)
+    ids_l, starts_l, ends_l, ord_l = [], [], [], []
+    for k, (text, ids, offsets) in enumerate(
+        zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True)
+    ):
+        n = len(ids)
+        tlen = len(text)
+        if n:
+            starts = np.asarray(offsets, dtype=np.int64).reshape(n, 2)[:, 0]
+            starts = np.clip(np.maximum.accumulate(starts), 0, tlen)
+            starts[0] = 0  # leading whitespace belongs to the first token's piece
+            ends = np.append(starts[1:], tlen)
+            eos_start = tlen
+        else:  # a document with no tokens: its EOS carries the (whitespace) text
+            starts = ends = np.zeros(0, dtype=np.int64)
+            eos_start = 0
+        ids_l.append(np.append(np.asarray(ids, dtype=np.int64), sep))
+        starts_l.append(np.append(starts, eos_start))
+        ends_l.append(np.append(ends, tlen))
+        ord_l.append(np.full(n + 1, k, dtype=np.int64))
+    ids = np.concatenate(ids_l)
+    is_eos = np.zeros(len(ids), dtype=bool)
+    is_eos[np.cumsum([len(a) for a in ids_l]) - 1] = True
+    return ids, np.concatenate(starts_l), np.concatenate(ends_l), np.concatenate(ord_l), is_eos
+
+
+
+class _Packer:
+    """Streams tokens into fixed-length rows on disk; keeps at most one batch in memory."""
+
+    def __init__(self, workdir: Path, seq_len: int, sep: int, pad: int) -> None:
+        self.seq_len, self.sep, self.pad = seq_len, sep, pad
+        self.ids_path, self.starts_path = workdir / "ids.bin", workdir / "starts.bin"
+        self.ids_f = open(self.ids_path, "wb")  # noqa: SIM115 -- closed in finish()
+        self.starts_f = open(self.starts_path, "wb")  # noqa: SIM115
+        self.lengths: list[int] = []
+        self.seg_path = workdir / "segments.parquet"
+        self.seg_schema = pa.schema([(c, pa.int64()) for c in layout.SEGMENT_COLUMNS])
+        self.seg_writer = pq.ParquetWriter(self.seg_path, self.seg_schema)
+        self.pending: tuple[np.ndarray, ...] | None = None  # ids, starts, ends, ord, eos
+        self.idx = np.zeros(0, dtype=np.int64)  # original doc index of ordinals idx_base..
+        self.idx_base = 0
+        self.n_docs = 0
+        self.n_tokens = 0
+
+    def add(self, batch: list[tuple[int, str]], tokenizer: Any) -> None:
+        ids, starts, ends, ords, eos = _tokenize(tokenizer, [t for _, t in batch], self.sep)
+        new = (ids, starts, ends, ords + self.n_docs, eos)
+        self.idx = np.append(self.idx, np.array([i for i, _ in batch], dtype=np.int64))
+        self.n_docs += len(batch)
+        if self.pending is not None:
+            new = tuple(np.concatenate([a, b]) for a, b in zip(self.pending, new, strict=True))
+        n_full = len(new[0]) // self.seq_len * self.seq_len
+        if n_full:
+            self._emit(tuple(a[:n_full] for a in new))
+        rest = tuple(a[n_full:] for a in new)
+        self.pending = rest if len(rest[0]) else None
+        keep = int(rest[3][0]) if self.pending is not None else self.n_docs
+        self.idx = self.idx[keep - self.idx_base:]  # forget documents fully written
+        self.idx_base = keep
+
+    def _emit(self, arrays: tuple[np.ndarray, ...]) -> None:
+        ids, starts, ends, ords, eos = arrays
+        L = self.seq_len
+        n = len(ids)
+        first_row = len(self.lengths)
+        pos = np.arange(n)
+        brk = np.ones(n, dtype=bool)
+        brk[1:] = (ords[1:] != ords[:-1]) | (pos[1:] % L == 0)
+        run_start = np.flatnonzero(brk)
+        last = np.append(run_start[1:], n) - 1
+        row = run_start // L
+        tok_end = last + 1 - eos[last].astype(np.int64) - row * L
+        doc = self.idx[ords[run_start] - self.idx_base]
+        table = pa.table({
+            "sequence": row + first_row, "doc_index": doc,
+            "char_start": starts[run_start], "char_end": ends[last],
+            "tok_start": run_start - row * L, "tok_end": tok_end,
+        }, schema=self.seg_schema)
+        self.seg_writer.write_table(table)
+        tok_starts = np.where(eos, -1, starts)
+        if n % L:  # the final, partial sequence
+            padn = L - n % L
+            ids = np.append(ids, np.full(padn, self.pad, dtype=np.int64))
+            tok_starts = np.append(tok_starts, np.full(padn, -1, dtype=np.int64))
+        self.ids_f.write(ids.astype("<i4").tobytes())
+        self.starts_f.write(tok_starts.astype("<i4").tobytes())
+        rows = len(ids) // L
+        self.lengths.extend([L] * rows)
+        if n % L:
+            self.lengths[-1] = n % L
+        self.n_tokens += n
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            self._emit(self.pending)
+            self.pending = None
+        self.ids_f.close()
+        self.starts_f.close()
+        self.seg_writer.close()
+
+
+def pack_corpus(
+    documents: Any,
+    tokenizer: Any,
+    seq_len: int = 512,
+    output_dir: str | os.PathLike | None = None,
+    batch_size: int = 1000,
+    progress: bool = True,
+    separator_token_id: int | None = None,
+    text_field: str = "text",
+    streaming: bool = False,
+) -> PackedCorpus:
+    """Tokenise documents, join them with EOS and cut the stream into ``seq_len`` rows.
+
+    ``documents``: corpus paths (a ``str``/``Path``, or a list of ``Path`` objects; read
+    with :func:`load_documents`), a ``datasets`` Dataset/IterableDataset with a ``text``
+    (or ``text_field``) column and optionally a ``doc_index`` column, or a sequence of
+    document strings / dicts (a list of ``str`` is always texts, never paths). Tokenisation uses
+    ``add_special_tokens=False``; the separator (``separator_token_id``, default the EOS
+    token) follows *every* document, the last included. The last row is padded (pad
+    token, else the separator) and its true length recorded. With ``output_dir`` the
+    result is stored there (see :mod:`datasleuth.lm.corpus.layout`); without it, in a
+    temporary directory removed when the object is garbage collected. Memory stays
+    bounded by one batch of ``batch_size`` documents.
+    """
+    _check_tokenizer(tokenizer, seq_len)
+    sep = separator_id(tokenizer, separator_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+    info = tokenizer_info(tokenizer)
+    if is_paths(documents):  # streaming: read the files as they are, no Arrow cache copy
+        documents = load_documents(documents, text_field=text_field, streaming=streaming)
+    sources = getattr(documents, SOURCES_ATTR, None)
+    out, cleanup = _output_directory(output_dir)
+    work = Path(tempfile.mkdtemp(prefix=".packing-", dir=out))
+    try:
+        packer = _Packer(work, seq_len, sep, pad)
+        content = _read_documents(packer, documents, tokenizer, out / layout.DOCUMENTS, text_field,
+                                  batch_size, progress)
+        _write_rows(out, packer)
+        key = source_key(sources) if sources is not None else content.key()
+        meta = _metadata(packer, info, text_field, sources, content.hexdigest())
+        meta["fingerprint"] = fingerprint(key, info, seq_len, sep, text_field)
+        write_json(out / layout.METADATA, meta)  # the marker: written last
+    except BaseException:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    corpus = PackedCorpus.load(out)
+    if cleanup is not None:
+        corpus._finalizer = weakref.finalize(corpus, shutil.rmtree, str(cleanup), True)
+    return corpus
+
+
+def _check_tokenizer(tokenizer: Any, seq_len: int) -> None:
+    if seq_len < 1:
+        raise DatasleuthError(f"seq_len must be a positive number of tokens, got {seq_len}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DatasleuthError(
+            "packing needs a fast tokenizer (character offsets); load it with "
+            "AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+
+
+def _output_directory(output_dir: str | os.PathLike | None) -> tuple[Path, Path | None]:
+    """The directory to pack into, and the same path again if it is temporary."""
+    if output_dir is None:
+        out = Path(tempfile.mkdtemp(prefix="datasleuth-corpus-"))
+        return out, out
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / layout.METADATA).unlink(missing_ok=True)  # the old marker goes first
+    return out, None
+
+
+def _read_documents(packer: _Packer, documents: Any, tokenizer: Any, path: Path,
+                    text_field: str, batch_size: int, progress: bool) -> ContentHash:
+    """Feed every document to ``packer`` and to the documents file; hash their text."""
+    content = ContentHash()
+    total = len(documents) if hasattr(documents, "__len__") else None
+    bar = progress_bar(iter_batches(documents, text_field, batch_size),
+                       desc="packing corpus", enabled=progress,
+                       total=None if total is None else -(-total // batch_size))
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, _DOC_SCHEMA) as writer:
+            for batch in bar:
+                for idx, text in batch:
+                    content.update(idx, text)
+                writer.write_batch(pa.record_batch(
+                    [pa.array([i for i, _ in batch], pa.int64()),
+                     pa.array([t for _, t in batch], pa.large_string())], schema=_DOC_SCHEMA))
+                packer.add(batch, tokenizer)
+            packer.finish()
+        if packer.n_docs == 0:
+            raise DatasleuthError("the corpus holds no documents; add documents")
+    return content
+
+
+def _write_rows(out: Path, packer: _Packer) -> None:
+    """Move the packed token, offset and segment files into ``out``."""
+    n_rows, seq_len = len(packer.lengths), packer.seq_len
+    lengths = np.asarray(packer.lengths, dtype=np.int32)
+    write_safetensors_stream(out / layout.TOKENS, [
+        ("input_ids", "I32", (n_rows, seq_len), packer.ids_path),
+        ("lengths", "I32", (n_rows,), lengths),
+    ], {"format": layout.FORMAT_NAME, "seq_len": str(seq_len)})
+    write_safetensors_stream(out / layout.OFFSETS, [
+        ("char_starts", "I32", (n_rows, seq_len), packer.starts_path),
+    ], {"format": layout.FORMAT_NAME})
+    replace_durably(packer.seg_path, out / layout.SEGMENTS)
+
+
+def _metadata(packer: _Packer, info: dict[str, Any], text_field: str,
+              sources: list[str] | None, content_sha256: str) -> dict[str, Any]:
+    """metadata.json of a packing, less its fingerprint."""
+    return {
+        "format": layout.FORMAT_NAME,
+        "format_version": layout.CORPUS_FORMAT_VERSION,
+        "seq_len": packer.seq_len,
+        "num_sequences": len(packer.lengths),
+        "num_tokens": packer.n_tokens,
+        "num_documents": packer.n_docs,
+        "separator_token_id": packer.sep,
+        "pad_token_id": int(packer.pad),
+        "eos_marker": layout.EOS_MARKER,
+        "text_field": text_field,
+        "tokenizer": info,
+        "source_paths": sources or [],
+        "content_sha256": content_sha256,
+    }
