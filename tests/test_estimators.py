@@ -322,6 +322,75 @@ def test_output_adapters_reproduce_the_task_loss_and_divergence():
             output_adapter(task)
 
 
+def test_output_methods_must_describe_the_loss_of_the_class_that_uses_them():
+    """A task that redefines its loss below its output methods is refused; one whose
+    loss and output both come from a redefined ``logits`` stays consistent."""
+    model, batch = tiny_gpt2(vocab=11), lm_batch([[3, 5, 7, 2], [4, 1, 6]])
+
+    class Scaled(CausalLMTask):
+        def loss(self, model, batch):
+            return 2 * super().loss(model, batch)
+
+    class Sampled(CausalLMTask):
+        def sampled_loss(self, model, batch, generator):
+            return super().sampled_loss(model, batch, generator)
+
+    class LossMixin:
+        def loss(self, model, batch):
+            return model(batch[0]).sum(1)
+
+    class Mixed(LossMixin, ClassificationTask):
+        pass
+
+    for task, stale in ((Scaled(), "loss"), (Sampled(), "sampled_loss"), (Mixed(), "loss")):
+        with pytest.raises(DatasleuthError, match=f"redefines {stale} below"):
+            output_adapter(task)
+
+    class Tempered(CausalLMTask):
+        def logits(self, model, batch):
+            return super().logits(model, batch) / 2
+
+    class Fixed(Scaled):
+        def loss_from_output(self, output, batch):
+            return 2 * super().loss_from_output(output, batch)
+
+        def output(self, model, batch):
+            return super().output(model, batch)
+
+        def output_divergence(self, output, reference, batch):
+            return 2 * super().output_divergence(output, reference, batch)
+
+    for task in (Tempered(), Fixed()):
+        ad = output_adapter(task)
+        assert ad is task
+        torch.testing.assert_close(ad.loss_from_output(ad.output(model, batch), batch),
+                                   task.loss(model, batch))
+
+
+def test_engine_does_not_import_the_front_ends_and_exact_moves_its_factor(mlp_data):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import datasleuth
+
+    src = str(Path(datasleuth.__file__).parents[1])  # this tree, not an installed copy
+    code = ("import sys, datasleuth.estimators; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+            "(['datasleuth', 'lm'], ['datasleuth', 'cli'], ['datasleuth', 'demo'], "
+            "['datasleuth', 'evaluation'])))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": src}).stdout
+    assert out.strip() == "[]"
+    model, x, y = mlp_data
+    exact = ExactInfluence.fit(model, ClassificationTask(), loader(x, y), damping=0.05)
+    moved = exact.to("cpu")
+    assert moved._chol is exact._chol  # moved, not factored again
+    v = torch.randn(3, 51, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moved.solve(v), torch.linalg.solve(exact.dense(), v.t()).t())
+
+
 def test_exact_ggn_of_a_language_model_layer_matches_dense_oracle():
     """Conv1D layer of GPT-2, causal-LM adapter, padding and prompt masking, vs oracles."""
     model = tiny_gpt2(vocab=11)

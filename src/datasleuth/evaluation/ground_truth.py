@@ -35,8 +35,7 @@ from torch.utils.data import DataLoader
 from datasleuth.errors import DatasleuthError
 from datasleuth.estimators import ParameterSpace, output_adapter
 from datasleuth.evaluation.metrics import correlations, pearson, spearman
-from datasleuth.fitting import resolve_layers
-from datasleuth.layers import TrackedLayer
+from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.task import Task
 from datasleuth.utils import to_device
 

@@ -6,6 +6,10 @@ L(z) = −Σ_t log p(z_{t+1} | z_≤t), summed over scored positions; the measur
 query is f = log p(completion | prompt), summed over completion tokens only (its
 labels are -100 on the prompt). Pseudo-gradients for the true Fisher draw each scored
 next token from the model's own softmax.
+
+The task is also an :class:`~datasleuth.estimators.OutputTask` (docs/method.md §1, §7):
+its output is the logits, so the exact and iterative estimators and the PBRF use it
+as is.
 """
 
 from __future__ import annotations
@@ -16,13 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datasleuth.estimators.outputs import categorical_kl, categorical_nll
 from datasleuth.task import Task, _sample_categorical
 
 __all__ = ["CausalLMTask"]
 
 
 class CausalLMTask(Task):
-    """Next-token prediction with summed token losses; padding masked everywhere."""
+    """Next-token prediction with summed token losses; padding masked everywhere.
+
+    Its output methods (:class:`~datasleuth.estimators.OutputTask`) describe the loss
+    of this class: a subclass that redefines ``loss`` or ``sampled_loss`` must redefine
+    them too, or the estimators refuse it; one that only redefines ``logits`` keeps
+    them consistent, since loss and output both come from ``logits``.
+    """
 
     def logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Logits for the next token at every position: (B, T, V)."""
@@ -57,3 +68,20 @@ class CausalLMTask(Task):
 
     def mask(self, batch: Any) -> Tensor | None:
         return batch["attention_mask"].bool()
+
+    def output(self, model: nn.Module, batch: Any) -> Tensor:
+        """The logits (B, T, V) the loss is computed from."""
+        return self.logits(model, batch)
+
+    def loss_from_output(self, output: Tensor, batch: Any) -> Tensor:
+        """Σ_t −log p(labels_{t+1} | ≤t) at the scored positions, from logits: (B,)."""
+        targets = batch["labels"][:, 1:]  # HF-aligned: logits[t] predicts labels[t+1]
+        scored = (targets != -100).to(output.dtype)  # (B, T-1)
+        nll = categorical_nll(output[:, :-1], targets.clamp_min(0))  # (B, T-1)
+        return (nll * scored).sum(1)
+
+    def output_divergence(self, output: Tensor, reference: Tensor, batch: Any) -> Tensor:
+        """Σ_t KL(softmax(reference_t) ‖ softmax(output_t)) at the scored positions: (B,)."""
+        scored = (batch["labels"][:, 1:] != -100).to(output.dtype)  # (B, T-1)
+        kl = categorical_kl(output[:, :-1], reference[:, :-1])  # (B, T-1)
+        return (kl * scored).sum(1)
