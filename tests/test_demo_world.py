@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from datasleuth import demo as dw
 from datasleuth.errors import DatasleuthError
-from datasleuth.lm import demo_world as dw
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "datasleuth"
+
+
+def _initial_model(trained, seed: int):
+    """The same architecture as ``trained`` at the initialisation ``train_model`` starts from."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(trained.config).eval()
+
+
+def _logprob_per_token(model, tok, texts: list[str]) -> float:
+    """Mean log-probability (nats) of each text's tokens after its first."""
+    total = sum(dw.completion_logprob(model, tok, "", t) for t in texts)
+    return total / sum(len(tok(t)["input_ids"]) - 1 for t in texts)
 
 
 def test_corpus_is_deterministic_by_seed() -> None:
@@ -63,20 +81,32 @@ def test_tokenizer_round_trips_text() -> None:
     assert enc["offset_mapping"][-1][1] == len(text)
 
 
-def test_train_model_is_gpt2_with_conv1d() -> None:
+def test_trained_model_is_gpt2_with_conv1d_and_beats_its_initialisation() -> None:
     from transformers import GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
 
-    corpus = dw.build_corpus(seed=0, n_documents=120, n_planted=4)
-    tok = dw.build_tokenizer(corpus.documents, vocab_size=400)
+    cfg = dw.TINY_CONFIG
+    corpus = dw.build_corpus(seed=0, n_documents=cfg.n_documents, n_planted=cfg.n_planted)
+    tok = dw.build_tokenizer(corpus.documents, vocab_size=cfg.vocab_size)
     model = dw.train_model(
-        corpus.documents, tok, seq_len=64, n_layer=1, n_embd=32, n_head=2, steps=3,
-        batch_size=4, progress=False,
+        corpus.documents, tok, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+        n_head=cfg.n_head, steps=20, warmup_steps=3, batch_size=cfg.batch_size, progress=False,
     )
     assert isinstance(model, GPT2LMHeadModel) and not model.training
     assert any(isinstance(m, Conv1D) for m in model.modules())
-    lp = dw.completion_logprob(model, tok, corpus.query["prompt"], corpus.query["completion"])
-    assert lp < 0.0
+    init = _initial_model(model, seed=0)
+    # Training must have taught the model: the planted completion and unseen documents from
+    # the same generator are far more likely than at initialisation (about log(400) = 6
+    # nats per token there; 20 steps gain about 1 nat per token).
+    prompt, completion = corpus.query["prompt"], corpus.query["completion"]
+    n_completion = len(tok(prompt + completion)["input_ids"]) - len(tok(prompt)["input_ids"])
+    gain = (dw.completion_logprob(model, tok, prompt, completion)
+            - dw.completion_logprob(init, tok, prompt, completion))
+    assert gain > 0.4 * n_completion
+    held_out = dw.build_corpus(seed=100, n_documents=60, n_planted=1).documents[:16]
+    assert set(held_out).isdisjoint(corpus.documents)
+    held_gain = _logprob_per_token(model, tok, held_out) - _logprob_per_token(init, tok, held_out)
+    assert held_gain > 0.5
 
 
 def test_build_demo_world_writes_loadable_artifacts_and_reuses(tmp_path: Path) -> None:
@@ -105,7 +135,21 @@ def test_build_demo_world_writes_loadable_artifacts_and_reuses(tmp_path: Path) -
     text = world.query["prompt"] + world.query["completion"]
     assert tok.decode(tok(text)["input_ids"]) == text
     assert tok.pad_token == dw.PAD_TOKEN and tok.eos_token == dw.EOS_TOKEN
-    assert dw.completion_logprob(model, tok, world.query["prompt"], world.query["completion"]) < 0
+    # The model on disk is the one training produced (training is deterministic by seed),
+    # and better than its initialisation on the planted completion.
+    cfg = dw.TINY_CONFIG
+    docs = [r["text"] for r in rows]
+    retrained = dw.train_model(
+        docs, dw.build_tokenizer(docs, cfg.vocab_size, max_length=cfg.seq_len),
+        seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+        steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=0,
+        progress=False,
+    )
+    for name, value in retrained.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], value, rtol=1e-5, atol=1e-6), name
+    prompt, completion = world.query["prompt"], world.query["completion"]
+    assert (dw.completion_logprob(model, tok, prompt, completion)
+            > dw.completion_logprob(_initial_model(model, seed=0), tok, prompt, completion))
 
     weights = world.model_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
@@ -133,3 +177,48 @@ def test_different_seed_rebuilds(tmp_path: Path) -> None:
     dw.build_demo_world(out, seed=0, progress=False, config=dw.TINY_CONFIG)
     other = dw.build_demo_world(out, seed=1, progress=False, config=dw.TINY_CONFIG)
     assert not other.reused and other.seed == 1
+
+
+def test_user_errors_are_one_line_and_name_the_fix(tmp_path: Path) -> None:
+    docs = dw.build_corpus(seed=0, n_documents=60, n_planted=1).documents
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    calls = [
+        lambda: dw.build_corpus(n_documents=10, n_planted=8),
+        lambda: dw.build_tokenizer([]),
+        lambda: dw.build_tokenizer(docs, vocab_size=100),
+        lambda: dw.train_model(docs, None, steps=0),
+        lambda: dw.train_model(docs, None, n_embd=30, n_head=4),
+        lambda: dw.load_demo_world(tmp_path / "nothing"),
+        lambda: dw.build_demo_world(not_a_dir, progress=False, config=dw.TINY_CONFIG),
+    ]
+    for call in calls:
+        with pytest.raises(DatasleuthError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message and ";" in message, message
+
+
+def test_only_front_ends_import_the_demo() -> None:
+    """The demo is a front end: engine and ``datasleuth.lm`` modules never import it."""
+    allowed = {SRC / "cli.py"}
+    for path in SRC.rglob("*.py"):
+        if SRC / "demo" in path.parents or path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n.startswith("datasleuth.demo") for n in names), path
+
+
+def test_run_demo_finds_the_planted_documents(tmp_path: Path, capsys) -> None:
+    out = dw.run_demo(tmp_path, top_k=10, progress=False, world_config=dw.TINY_CONFIG)
+    printed = capsys.readouterr().out
+    assert out["planted"] == dw.TINY_CONFIG.n_planted
+    assert out["found_influence"] >= out["planted"] - 1
+    assert f"influence (EK-FAC): {out['found_influence']} of {out['planted']}" in printed
+    assert f"BM25 keyword search: {out['found_bm25']} of {out['planted']}" in printed
+    assert Path(out["report"]).is_file()

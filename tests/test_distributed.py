@@ -19,9 +19,9 @@ from conftest import tiny_gpt2
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from datasleuth import FitConfig, fit_curvature, load_curvature
+from datasleuth.demo import build_tokenizer
 from datasleuth.distributed import shard
 from datasleuth.lm.corpus import PackedCorpus, pack_corpus
-from datasleuth.lm.demo_world import build_tokenizer
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig, scan_corpus
 from datasleuth.scoring import precondition_queries

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from datasleuth import FitConfig, pairwise_scores
 from datasleuth.cli import main
-from datasleuth.lm.demo_world import TINY_CONFIG, build_demo_world
+from datasleuth.demo import TINY_CONFIG, build_demo_world
 from datasleuth.lm.model import default_layers, load_model
 from datasleuth.lm.pipeline import fit_factors, prepare_corpus, query_batches, run_trace
 from datasleuth.lm.queries import load_queries

@@ -10,7 +10,7 @@ from conftest import lm_batch
 from oracles import loop_gradients
 
 from datasleuth import DatasleuthError, FitConfig, fit_curvature, pairwise_scores, top_k
-from datasleuth.lm.demo_world import build_tokenizer
+from datasleuth.demo import build_tokenizer
 from datasleuth.lm.model import default_layers, load_model
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.scoring import collect_gradients

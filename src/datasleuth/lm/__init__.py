@@ -1,1 +1,1 @@
-"""Language-model support: tokenised batches, model loading, and the built-in demo world."""
+"""Language-model support: tokenised batches, model loading, packing, tracing."""

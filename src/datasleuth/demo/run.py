@@ -15,8 +15,10 @@ from typing import Any
 
 import click
 
+from datasleuth.demo.world import DemoConfig, build_demo_world
 from datasleuth.fitting import FitConfig
 from datasleuth.lm.corpus import PackedCorpus
+from datasleuth.lm.queries import Query, load_queries
 from datasleuth.lm.trace import TraceConfig
 
 __all__ = ["run_demo", "planted_found"]
@@ -29,18 +31,40 @@ def planted_found(corpus: PackedCorpus, indices: list[int], planted: set[int]) -
     return {s.doc_index for i in indices for s in corpus.segments(i) if s.doc_index in planted}
 
 
+def _bm25_top(corpus: PackedCorpus, query: Query, tokenizer: Any, work: Path,
+              top_k: int) -> list[int]:
+    """Indices of the ``top_k`` sequences BM25 ranks highest for ``query``."""
+    from datasleuth.lm.pipeline import bm25_candidates, query_batches
+
+    encoded, _ = query_batches([query], tokenizer, 1)
+    ignore = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
+    return bm25_candidates(corpus, encoded, work, top_k, ignore)[0].tolist()
+
+
+def _echo_top(query: Query, top: list[dict[str, Any]], top_k: int, planted: set[int]) -> None:
+    """Print ``query`` and its ``top_k`` sequences by influence, marking planted ones."""
+    click.echo("")
+    click.echo(f"query:      {query.prompt!r}")
+    click.echo(f"completion: {query.completion!r}")
+    click.echo(f"top {top_k} training sequences by influence (EK-FAC):")
+    for row in top[:top_k]:
+        docs = {d["doc_index"] for d in row["documents"]}
+        mark = "PLANTED" if docs & planted else "       "
+        text = "".join(row["tokens"]).replace("\n", " ").replace("⏎", " | ")
+        click.echo(f"  {mark} #{row['rank']:<2} score {row['score']:+9.3f}  {text[:72]!r}")
+    click.echo("")
+
+
 def run_demo(
     out_dir: str | Path,
     top_k: int = 10,
     seed: int = 0,
     progress: bool = True,
-    world_config: Any = None,
+    world_config: DemoConfig | None = None,
 ) -> dict[str, Any]:
     """Run the demo end to end; print the comparison; return its numbers."""
-    from datasleuth.lm.demo_world import build_demo_world
     from datasleuth.lm.model import default_layers, load_model
-    from datasleuth.lm.pipeline import bm25_candidates, fit_factors, prepare_corpus, run_trace
-    from datasleuth.lm.queries import load_queries
+    from datasleuth.lm.pipeline import fit_factors, prepare_corpus, run_trace
     from datasleuth.report import render_report
 
     out = Path(out_dir)
@@ -66,27 +90,13 @@ def run_demo(
     report = render_report(results, out / "report.html")
     click.echo("5/5 comparing with BM25 keyword search...")
     query = load_queries(world.queries_path)[0]
-    from datasleuth.lm.pipeline import query_batches
-
-    encoded, _ = query_batches([query], tokenizer, 1)
-    ignore = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
-    bm25_top = bm25_candidates(corpus, encoded, out / "work", top_k, ignore)[0].tolist()
+    bm25_top = _bm25_top(corpus, query, tokenizer, out / "work", top_k)
     planted = set(world.planted)
     q = results["queries"][0]
-    influence_top = [row["index"] for row in q["top"]]
-    found_if = planted_found(corpus, influence_top, planted)
+    found_if = planted_found(corpus, [row["index"] for row in q["top"]], planted)
     found_bm25 = planted_found(corpus, bm25_top, planted)
     elapsed = time.perf_counter() - t0
-    click.echo("")
-    click.echo(f"query:      {query.prompt!r}")
-    click.echo(f"completion: {query.completion!r}")
-    click.echo(f"top {top_k} training sequences by influence (EK-FAC):")
-    for row in q["top"][:top_k]:
-        docs = {d["doc_index"] for d in row["documents"]}
-        mark = "PLANTED" if docs & planted else "       "
-        text = "".join(row["tokens"]).replace("\n", " ").replace("⏎", " | ")
-        click.echo(f"  {mark} #{row['rank']:<2} score {row['score']:+9.3f}  {text[:72]!r}")
-    click.echo("")
+    _echo_top(query, q["top"], top_k, planted)
     click.echo(f"planted documents found in the top {top_k} sequences:")
     click.echo(f"  influence (EK-FAC): {len(found_if)} of {len(planted)}")
     click.echo(f"  BM25 keyword search: {len(found_bm25)} of {len(planted)}")
