@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from datasleuth.cli_evaluate import evaluate as evaluate_command
+from datasleuth.cli.evaluate import evaluate as evaluate_command
 from datasleuth.errors import DatasleuthError
 from datasleuth.evaluation.recipes import Recipe, load_recipe
 from datasleuth.evaluation.suite import evaluate, parse_estimators

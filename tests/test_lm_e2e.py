@@ -417,3 +417,35 @@ def test_streaming_corpus_packs_the_same(world, tmp_path):
     for i in range(len(a)):
         assert torch.equal(a.input_ids(i), b.input_ids(i))
         assert a.segments(i) == b.segments(i)
+
+
+def test_workflow_function_writes_the_results_of_the_command(world, tmp_path):
+    from datasleuth.lm import (
+        Candidates,
+        FitConfig,
+        FitOptions,
+        LoadOptions,
+        TraceOptions,
+        trace_queries,
+    )
+
+    queries = _three_queries(tmp_path)
+    assert main(["trace", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+                 "--queries", str(queries), "--seq-len", "32", "--curvature", "kfac",
+                 "--top-k", "3", "--bottom-k", "2", "--filter", "bm25", "--candidates", "200",
+                 "--rank", "2", "--rescore", "8", "--workdir", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    load = LoadOptions(world["model_dir"], world["corpus"], workdir=tmp_path / "w", seq_len=32)
+    results = trace_queries(
+        load, TraceOptions(queries, out=tmp_path / "api",
+                           config=TraceConfig(top_k=3, bottom_k=2),
+                           candidates=Candidates(bm25=200, rank=2, rescore=8)),
+        FitOptions(FitConfig(curvature="kfac")), progress=False)
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    api = json.loads((tmp_path / "api" / "results.json").read_text())
+    assert api == results
+    for doc in (cli, api):
+        doc.pop("created")
+    assert api == cli
+    assert api["config"]["first_stage"]["kind"] == "low_rank"
+    assert (tmp_path / "api" / "report.html").is_file()

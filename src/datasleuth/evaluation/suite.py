@@ -44,6 +44,7 @@ from datasleuth.evaluation.sparsity import sparsity_report
 from datasleuth.fitting import FitConfig, fit_curvature, resolve_layers
 from datasleuth.layers import TrackedLayer
 from datasleuth.scoring import Preconditioner, pairwise_scores, self_influence
+from datasleuth.storage import write_json
 
 __all__ = [
     "ESTIMATORS",
@@ -260,21 +261,66 @@ def evaluate(
     ``out/results.json``.
     """
     names = parse_estimators(estimators)
+    _check_settings(n_subsets, damping)
+    say = log or (lambda message: None)
+    recipe = load_recipe(recipe)
+    say(f"building recipe {recipe.name!r}")
+    problem = recipe.problem()
+    ctx = _Context(problem, resolve_layers(problem.model, problem.layers),
+                   damping if damping is not None else problem.damping)
+    run = _fit_and_score(ctx, names, say)
+    n_queries = next(iter(run.scores.values())).shape[0]
+    retraining = None
+    if n_subsets:
+        retraining = _lds_section(run, recipe, problem.n_train, n_queries, say,
+                                  n_subsets=n_subsets, seeds_per_subset=seeds_per_subset,
+                                  fraction=fraction, cache_dir=cache_dir, seed=seed,
+                                  progress=progress)
+    _vs_exact(run)
+    pbrf = _pbrf_section(run, ctx, pbrf_examples, seed, pbrf_method, say)
+    detect = _detection_section(run, problem, say) if detection else None
+    doc = _clean({
+        "format": FORMAT,
+        "recipe": {"name": recipe.name, "description": recipe.description,
+                   "fingerprint": recipe.fingerprint, "n_train": problem.n_train,
+                   "n_queries": n_queries, "layers": [la.name for la in ctx.layers]},
+        "config": {"estimators": names, "n_subsets": n_subsets,
+                   "seeds_per_subset": seeds_per_subset, "fraction": fraction,
+                   "damping": damping, "pbrf_examples": pbrf_examples, "seed": seed},
+        "estimators": run.results,
+        "retraining": retraining,
+        "pbrf": pbrf,
+        "detection": detect,
+        "sparsity": _sparsity_section(run.scores),
+        **({"scores": run.scores} if keep_scores else {}),
+    })
+    if out is not None:
+        write_json(Path(out) / "results.json", doc)
+    return doc
+
+
+def _check_settings(n_subsets: int, damping: float | None) -> None:
     if n_subsets != 0 and n_subsets < 2:
         raise DatasleuthError(f"n_subsets={n_subsets}: use 0 (no LDS) or at least 2; "
                               "30-100 are typical")
     if damping is not None and not damping > 0:
         raise DatasleuthError(f"damping must be > 0, got {damping}; or leave it unset")
-    say = log or (lambda message: None)
-    recipe = load_recipe(recipe)
-    say(f"building recipe {recipe.name!r}")
-    problem = recipe.problem()
-    layers = resolve_layers(problem.model, problem.layers)
-    ctx = _Context(problem, layers, damping if damping is not None else problem.damping)
 
-    results: dict[str, dict[str, Any]] = {}
-    scores: dict[str, np.ndarray] = {}
-    preconditioners: dict[str, Preconditioner] = {}
+
+@dataclass
+class _Run:
+    """Each estimator's fitted preconditioner, (Q, N) scores and result entry."""
+
+    names: list[str]
+    results: dict[str, dict[str, Any]]
+    scores: dict[str, np.ndarray]
+    preconditioners: dict[str, Preconditioner]
+
+
+def _fit_and_score(ctx: _Context, names: list[str], say: Callable[[str], None]) -> _Run:
+    """Fit every estimator and score every query against every training example."""
+    problem = ctx.problem
+    run = _Run(names, {}, {}, {})
     for name in names:
         say(f"estimator {name}: fitting and scoring")
         options = dict(problem.estimator_options.get(name, {}))
@@ -284,119 +330,124 @@ def evaluate(
         total = pairwise_scores(problem.model, problem.task, precond, problem.loader("queries"),
                                 problem.loader("train"), progress=False).total
         done = time.perf_counter()
-        scores[name] = total.double().cpu().numpy()  # (Q, N)
-        preconditioners[name] = precond
-        results[name] = {
+        run.scores[name] = total.double().cpu().numpy()  # (Q, N)
+        run.preconditioners[name] = precond
+        run.results[name] = {
             "description": ESTIMATORS[name].description,
             "seconds": {"fit": fitted - start, "score": done - fitted, "total": done - start},
             "damping": _dampings(precond, ctx),
         }
-    n_queries = next(iter(scores.values())).shape[0]
+    return run
 
-    retraining: dict[str, Any] | None = None
-    if n_subsets:
-        calls = [0]
 
-        def train(indices: np.ndarray, train_seed: int) -> Any:
-            calls[0] += 1
-            return recipe.train(indices, train_seed)
+def _lds_section(
+    run: _Run, recipe: Recipe, n_train: int, n_queries: int, say: Callable[[str], None], *,
+    n_subsets: int, seeds_per_subset: int, fraction: float, cache_dir: str | Path | None,
+    seed: int, progress: bool,
+) -> dict[str, Any]:
+    """Retrain on random subsets (cached), add each estimator's LDS; the retraining record."""
+    calls = [0]
 
-        say(f"LDS: {n_subsets} subsets x {seeds_per_subset} seed(s) of retraining")
-        with tempfile.TemporaryDirectory() as scratch:
-            start = time.perf_counter()
-            subsets, outputs = run_lds_experiments(
-                train, recipe.measure, problem.n_train, n_subsets=n_subsets,
-                seeds_per_subset=seeds_per_subset, fraction=fraction,
-                cache_dir=cache_dir if cache_dir is not None else scratch, seed=seed,
-                fingerprint=recipe.fingerprint, progress=progress)
-            seconds = time.perf_counter() - start
-        if outputs.shape[-1] != n_queries:
-            raise DatasleuthError(
-                f"recipe {recipe.name!r}: measure() returned {outputs.shape[-1]} values but the "
-                f"task scored {n_queries} queries; measure the same queries in the same order"
-            )
-        models = n_subsets * seeds_per_subset
-        retraining = {"models": models, "trained": calls[0], "cached": models - calls[0],
-                      "seconds": seconds, "output_mean": float(outputs.mean())}
-        if seeds_per_subset > 1:
-            seed_var = outputs.var(axis=1, ddof=1).mean(0)  # (Q,) within-subset
-            subset_var = outputs.mean(axis=1).var(axis=0, ddof=1)  # (Q,) across subsets
-            retraining["seed_to_subset_variance"] = float(np.median(
-                seed_var / np.maximum(subset_var, 1e-300)))
-        for name in names:
-            result = lds(scores[name], subsets, outputs)
-            mean, std = _finite_stats(result.per_query)
-            results[name]["lds"] = {"mean": mean, "std": std,
+    def train(indices: np.ndarray, train_seed: int) -> Any:
+        calls[0] += 1
+        return recipe.train(indices, train_seed)
+
+    say(f"LDS: {n_subsets} subsets x {seeds_per_subset} seed(s) of retraining")
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        subsets, outputs = run_lds_experiments(
+            train, recipe.measure, n_train, n_subsets=n_subsets,
+            seeds_per_subset=seeds_per_subset, fraction=fraction,
+            cache_dir=cache_dir if cache_dir is not None else scratch, seed=seed,
+            fingerprint=recipe.fingerprint, progress=progress)
+        seconds = time.perf_counter() - start
+    if outputs.shape[-1] != n_queries:
+        raise DatasleuthError(
+            f"recipe {recipe.name!r}: measure() returned {outputs.shape[-1]} values but the "
+            f"task scored {n_queries} queries; measure the same queries in the same order"
+        )
+    models = n_subsets * seeds_per_subset
+    retraining = {"models": models, "trained": calls[0], "cached": models - calls[0],
+                  "seconds": seconds, "output_mean": float(outputs.mean())}
+    if seeds_per_subset > 1:
+        seed_var = outputs.var(axis=1, ddof=1).mean(0)  # (Q,) within-subset
+        subset_var = outputs.mean(axis=1).var(axis=0, ddof=1)  # (Q,) across subsets
+        retraining["seed_to_subset_variance"] = float(np.median(
+            seed_var / np.maximum(subset_var, 1e-300)))
+    for name in run.names:
+        result = lds(run.scores[name], subsets, outputs)
+        mean, std = _finite_stats(result.per_query)
+        run.results[name]["lds"] = {"mean": mean, "std": std,
                                     "per_query": result.per_query.tolist()}
+    return retraining
 
-    if "exact_ggn" in scores:
-        for name in names:
-            agreement = correlations(scores[name], scores["exact_ggn"])
-            results[name]["vs_exact"] = {k: agreement[k] for k in (
-                "mean_pearson", "mean_spearman", "pearson", "spearman")}
 
-    pbrf: dict[str, Any] | None = None
-    if pbrf_examples > 0:
-        from datasleuth.evaluation.ground_truth import compare
+def _vs_exact(run: _Run) -> None:
+    """Each estimator's agreement with exact damped-GGN influence, when it was run."""
+    if "exact_ggn" not in run.scores:
+        return
+    for name in run.names:
+        agreement = correlations(run.scores[name], run.scores["exact_ggn"])
+        run.results[name]["vs_exact"] = {k: agreement[k] for k in (
+            "mean_pearson", "mean_spearman", "pearson", "spearman")}
 
-        say(f"PBRF ground truth on {pbrf_examples} training examples ({pbrf_method})")
-        ref_damping = (ctx.damping if ctx.damping is not None
-                       else {n: lc.damping for n, lc in ctx.reference().layers.items()})
-        indices, truth, seconds, notes = _pbrf(problem, layers, ref_damping, pbrf_examples,
-                                               seed, pbrf_method)
-        pbrf = {"indices": indices.tolist(), "seconds": seconds, "method": pbrf_method,
-                "optimiser_warnings": notes}
-        for name in names:
-            agreement = compare(scores[name][:, indices], truth)
-            results[name]["vs_pbrf"] = {k: agreement[k] for k in (
-                "mean_pearson", "mean_spearman", "pearson_all", "spearman_all", "scale")}
 
-    detect: dict[str, Any] | None = None
-    if detection and problem.is_corrupt is not None:
-        say("mislabel detection: self-influence of every training example")
-        suspicion = {}
-        for name in names:
-            start = time.perf_counter()
-            suspicion[name] = self_influence(problem.model, problem.task, preconditioners[name],
-                                             problem.loader("train"), progress=False
-                                             ).total.double().cpu().numpy()
-            results[name]["seconds"]["self_influence"] = time.perf_counter() - start
-        suspicion["train_loss"] = _train_losses(problem)
-        detect = compare_detectors(suspicion, problem.is_corrupt)
+def _pbrf_section(run: _Run, ctx: _Context, n_examples: int, seed: int, method: str,
+                  say: Callable[[str], None]) -> dict[str, Any] | None:
+    """PBRF ground truth on a few training examples and each estimator's agreement.
 
-    sparsity = None
-    if "ekfac" in scores:
-        report = sparsity_report(scores["ekfac"])
-        per_query = report["per_query"]
-        alphas = [r["power_law"]["alpha"] for r in per_query if r.get("power_law")]
-        shares = [r["top_share"].get("0.01") for r in per_query]
-        sparsity = {
-            "median_alpha": float(np.median(alphas)) if alphas else math.nan,
-            "mean_top1_share": float(np.nanmean([s if s is not None else math.nan
-                                                 for s in shares])),
-            "per_query": per_query,
-        }
+    ``None`` for ``n_examples <= 0`` (no ground truth asked for).
+    """
+    from datasleuth.evaluation.ground_truth import compare
 
-    doc = _clean({
-        "format": FORMAT,
-        "recipe": {"name": recipe.name, "description": recipe.description,
-                   "fingerprint": recipe.fingerprint, "n_train": problem.n_train,
-                   "n_queries": n_queries, "layers": [la.name for la in layers]},
-        "config": {"estimators": names, "n_subsets": n_subsets,
-                   "seeds_per_subset": seeds_per_subset, "fraction": fraction,
-                   "damping": damping, "pbrf_examples": pbrf_examples, "seed": seed},
-        "estimators": results,
-        "retraining": retraining,
-        "pbrf": pbrf,
-        "detection": detect,
-        "sparsity": sparsity,
-        **({"scores": scores} if keep_scores else {}),
-    })
-    if out is not None:
-        from datasleuth.storage import write_json
+    if n_examples <= 0:
+        return None
+    say(f"PBRF ground truth on {n_examples} training examples ({method})")
+    ref_damping = (ctx.damping if ctx.damping is not None
+                   else {n: lc.damping for n, lc in ctx.reference().layers.items()})
+    indices, truth, seconds, notes = _pbrf(ctx.problem, ctx.layers, ref_damping, n_examples,
+                                           seed, method)
+    for name in run.names:
+        agreement = compare(run.scores[name][:, indices], truth)
+        run.results[name]["vs_pbrf"] = {k: agreement[k] for k in (
+            "mean_pearson", "mean_spearman", "pearson_all", "spearman_all", "scale")}
+    return {"indices": indices.tolist(), "seconds": seconds, "method": method,
+            "optimiser_warnings": notes}
 
-        write_json(Path(out) / "results.json", doc)
-    return doc
+
+def _detection_section(run: _Run, problem: Problem, say: Callable[[str], None]
+                       ) -> dict[str, Any] | None:
+    """Mislabel detection by each estimator's self-influence against the training loss.
+
+    ``None`` when the recipe marks no corrupted examples.
+    """
+    if problem.is_corrupt is None:
+        return None
+    say("mislabel detection: self-influence of every training example")
+    suspicion = {}
+    for name in run.names:
+        start = time.perf_counter()
+        suspicion[name] = self_influence(problem.model, problem.task, run.preconditioners[name],
+                                         problem.loader("train"), progress=False
+                                         ).total.double().cpu().numpy()
+        run.results[name]["seconds"]["self_influence"] = time.perf_counter() - start
+    suspicion["train_loss"] = _train_losses(problem)
+    return compare_detectors(suspicion, problem.is_corrupt)
+
+
+def _sparsity_section(scores: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Heavy-tail summary of the EK-FAC scores (power-law alpha, top-1% share)."""
+    if "ekfac" not in scores:
+        return None
+    per_query = sparsity_report(scores["ekfac"])["per_query"]
+    alphas = [r["power_law"]["alpha"] for r in per_query if r.get("power_law")]
+    shares = [r["top_share"].get("0.01") for r in per_query]
+    return {
+        "median_alpha": float(np.median(alphas)) if alphas else math.nan,
+        "mean_top1_share": float(np.nanmean([s if s is not None else math.nan
+                                             for s in shares])),
+        "per_query": per_query,
+    }
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

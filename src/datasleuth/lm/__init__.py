@@ -1,1 +1,86 @@
-"""Language-model support: tokenised batches, model loading, packing, tracing."""
+"""Language-model front end: load a causal LM, pack its corpus, fit, trace, rank, index.
+
+The workflow functions run what the ``datasleuth`` commands run, from option types
+that check their values (:mod:`datasleuth.lm.workflow`)::
+
+    from datasleuth.lm import LoadOptions, TraceOptions, trace_queries
+
+    load = LoadOptions(model="path/to/model", corpus="corpus.jsonl", workdir="work")
+    results = trace_queries(load, TraceOptions(queries="queries.jsonl", out="out"))
+
+The steps they are made of take loaded objects (:mod:`datasleuth.lm.pipeline`):
+:func:`load_model`, :func:`default_layers`, :func:`prepare_corpus`,
+:func:`fit_factors`, :func:`run_trace`, :func:`run_self_influence`,
+:func:`build_corpus_index`. :class:`CausalLMTask` is the engine's task for causal LMs.
+"""
+
+from datasleuth.fitting import FitConfig
+from datasleuth.lm.corpus import PackedCorpus, Segment, pack_corpus
+from datasleuth.lm.model import context_length, default_layers, load_model
+from datasleuth.lm.pipeline import (
+    bm25_candidates,
+    build_corpus_index,
+    fit_factors,
+    open_corpus_index,
+    prepare_corpus,
+    query_batches,
+    run_self_influence,
+    run_trace,
+)
+from datasleuth.lm.queries import Query, encode_queries, load_queries
+from datasleuth.lm.task import CausalLMTask
+from datasleuth.lm.trace import TraceConfig
+from datasleuth.lm.workflow import (
+    DEFAULT_SEQ_LEN,
+    Candidates,
+    FitOptions,
+    IndexOptions,
+    Inputs,
+    LoadOptions,
+    SelfInfluenceOptions,
+    TraceOptions,
+    fit,
+    index_corpus,
+    load_inputs,
+    rank_self_influence,
+    trace_queries,
+)
+from datasleuth.scale.index import GradientIndex, IndexConfig
+
+__all__ = [
+    "Candidates",
+    "CausalLMTask",
+    "DEFAULT_SEQ_LEN",
+    "FitConfig",
+    "FitOptions",
+    "GradientIndex",
+    "IndexConfig",
+    "IndexOptions",
+    "Inputs",
+    "LoadOptions",
+    "PackedCorpus",
+    "Query",
+    "Segment",
+    "SelfInfluenceOptions",
+    "TraceConfig",
+    "TraceOptions",
+    "bm25_candidates",
+    "build_corpus_index",
+    "context_length",
+    "default_layers",
+    "encode_queries",
+    "fit",
+    "fit_factors",
+    "index_corpus",
+    "load_inputs",
+    "load_model",
+    "load_queries",
+    "open_corpus_index",
+    "pack_corpus",
+    "prepare_corpus",
+    "query_batches",
+    "rank_self_influence",
+    "run_self_influence",
+    "run_trace",
+    "trace_queries",
+]

@@ -19,7 +19,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +36,17 @@ from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus, pack_corpus
 from datasleuth.lm.model import context_length
 from datasleuth.lm.queries import Query, collate_queries, encode_queries, load_queries
+from datasleuth.lm.stages import (
+    FirstStage,
+    TraceJob,
+    full_scan,
+    index_stage,
+    low_rank_stage,
+    rescore_by_chunks,
+)
 from datasleuth.lm.task import CausalLMTask
-from datasleuth.lm.trace import TraceConfig, scan_corpus, trace_details
-from datasleuth.progress import progress_bar
-from datasleuth.scoring import precondition_queries
+from datasleuth.lm.trace import TraceConfig
+from datasleuth.scoring import Scores
 from datasleuth.storage import atomic_path, load_curvature, read_json, write_json
 
 if TYPE_CHECKING:
@@ -233,7 +240,7 @@ def build_corpus_index(
                         config or IndexConfig(), batch_size=batch_size,
                         collate_fn=corpus.collate, progress=progress)
     n_fit = len(corpus) if max_sequences is None else min(max_sequences, len(corpus))
-    meta = index.curvature.metadata if index.curvature is not None else {}
+    meta = index.curvature.metadata if index.has_curvature else {}
     if meta.get("fisher") == fisher and meta.get("sequences") == n_fit:
         say(f"reusing the projected curvature of {directory}")
     else:
@@ -260,63 +267,10 @@ def open_corpus_index(directory: str | Path, model: nn.Module, corpus: PackedCor
         raise DatasleuthError(f"{directory} indexes a different corpus or packing than "
                               f"--corpus/--seq-len ({index.rows} rows, corpus has {len(corpus)}); "
                               "rebuild it with `datasleuth index`")
-    if index.curvature is None:
+    if not index.has_curvature:
         raise DatasleuthError(f"{directory} has no projected curvature (its build was "
                               "interrupted); re-run `datasleuth index` to finish it")
     return index
-
-
-def _index_candidates(
-    index: GradientIndex, model: nn.Module, batches: list[dict[str, torch.Tensor]], n: int,
-    bottom: bool, approximate: bool, sample: int,
-) -> tuple[list[np.ndarray], list[list[float]], list[int]]:
-    """Per query, the rows of the ``n`` highest (and lowest) index scores; a score sample."""
-    q = index.precondition_queries(model, CausalLMTask(), batches)  # (Q, D)
-    top, _ = index.search(q, k=n, exact=not approximate)
-    lists = [top[j].numpy() for j in range(q.shape[0])]
-    if bottom:
-        low, _ = index.search(-q, k=n, exact=not approximate)
-        lists = [np.union1d(a, low[j].numpy()) for j, a in enumerate(lists)]
-    stride = max(1, index.rows // sample)
-    samples: list[list[float]] = [[] for _ in range(q.shape[0])]
-    for start, rows in index.iter_shards(q.dtype):
-        part = q @ rows[(-start) % stride :: stride].t()  # (Q, n_sampled)
-        for j in range(q.shape[0]):
-            samples[j].extend(part[j].tolist())
-    return lists, samples, [index.rows] * q.shape[0]
-
-
-def _rescore_by_chunks(
-    model: nn.Module, curvature: Curvature, corpus: PackedCorpus,
-    batches: list[dict[str, torch.Tensor]], candidates: list[np.ndarray],
-    rows: list[dict[str, Any]], config: TraceConfig, header: dict[str, Any],
-    samples: list[list[float]], scanned: list[int], progress: bool,
-) -> dict[str, Any]:
-    """Full-rank EK-FAC scores of each query's candidates, one query batch at a time.
-
-    The last step of query batching (METHOD.md §4): only one batch of full-rank
-    preconditioned query gradients is held at once. Histogram and counts come from the
-    first stage, which saw every sequence.
-    """
-    doc: dict[str, Any] | None = None
-    first = 0
-    for batch in progress_bar(batches, desc="re-score (full rank)", enabled=progress,
-                              unit="query batch"):
-        nq = int(batch["input_ids"].shape[0])
-        pre = precondition_queries(model, CausalLMTask(), curvature, [batch])
-        part = slice(first, first + nq)
-        scan = scan_corpus(model, pre, corpus, config, candidates=candidates[part],
-                           progress=False)
-        scan.samples, scan.scanned = samples[part], scanned[part]
-        chunk = trace_details(model, pre, corpus, scan, rows[part], config, header,
-                              rescored=True)
-        if doc is None:
-            doc = chunk
-        else:
-            doc["queries"].extend(chunk["queries"])
-        first += nq
-    assert doc is not None
-    return doc
 
 
 def check_trace_options(rank: int | None, index: str | Path | None,
@@ -328,8 +282,76 @@ def check_trace_options(rank: int | None, index: str | Path | None,
         raise DatasleuthError("--approximate only applies to --index DIR; add --index")
     if rank is not None and rank < 1:
         raise DatasleuthError(f"rank must be >= 1, got {rank}")
+    if candidates_k is not None and candidates_k < 1:
+        raise DatasleuthError(f"candidates must be >= 1, got {candidates_k}")
     if rescore < 1:
         raise DatasleuthError(f"rescore must be >= 1, got {rescore}")
+
+
+def _trace_key(
+    queries: list[Query], corpus: PackedCorpus, curvature: Curvature, config: TraceConfig, *,
+    candidates_k: int | None, all_scores: bool, rank: int | None, rescore: int,
+    index: GradientIndex | None, approximate: bool,
+) -> str:
+    """Digest of everything a trace's results depend on (its reuse key)."""
+    staged = rank is not None or index is not None
+    return _digest({
+        "queries": [asdict(q) for q in queries], "corpus": corpus.fingerprint,
+        "factors": curvature.metadata.get("fingerprint"), "config": asdict(config),
+        "curvature": curvature.metadata.get("config"), "candidates_k": candidates_k,
+        "all_scores": all_scores, "rank": rank, "rescore": rescore if staged else None,
+        "index": index.manifest if index is not None else None,
+        "approximate": approximate,
+    })
+
+
+def _reusable(results_path: Path, key: str) -> dict[str, Any] | None:
+    """The results document at ``results_path`` if it was made from the same inputs."""
+    if not results_path.is_file():
+        return None
+    try:
+        previous = read_json(results_path)
+    except DatasleuthError:
+        return None
+    if previous.get("input_digest") != key:
+        return None
+    say(f"reusing {results_path} (same model, corpus, factors, queries and settings)")
+    return previous
+
+
+def _bm25_stage(tokenizer: Any, corpus: PackedCorpus, encoded: list[dict[str, Any]],
+                workdir: str | Path, k: int) -> tuple[list[np.ndarray], str]:
+    """Each query's BM25 top-k sequences (METHOD.md §5) and the warning the results carry."""
+    from datasleuth.scale.bm25 import FILTER_WARNING
+
+    ignore = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
+    with rank_zero_first():
+        candidates = bm25_candidates(corpus, encoded, workdir, k, ignore)
+    warning = f"{FILTER_WARNING} (top {k} per query)"
+    say(f"warning: {warning}")
+    return candidates, warning
+
+
+def _trace_job(
+    model: nn.Module, tokenizer: Any, corpus: PackedCorpus, curvature: Curvature,
+    queries: list[Query], config: TraceConfig, out: Path, header: dict[str, Any], *,
+    candidates_k: int | None, workdir: str | Path, all_scores: bool, progress: bool,
+) -> tuple[TraceJob, list[str]]:
+    """Encode the queries, pre-select BM25 candidates if asked; the job and its warnings."""
+    check_context(model, corpus.seq_len)
+    encoded, batches = query_batches(queries, tokenizer, config.batch_size,
+                                     max_length=context_length(model))
+    warnings, candidates = [], None
+    if candidates_k is not None:
+        candidates, warning = _bm25_stage(tokenizer, corpus, encoded, workdir, candidates_k)
+        warnings.append(warning)
+    rows = [{"id": q.id, "prompt": q.prompt, "completion": q.completion,
+             "completion_tokens": e.get("completion_tokens", [])}
+            for q, e in zip(queries, encoded)]
+    job = TraceJob(model, corpus, curvature, config, batches, rows, header, candidates,
+                    out / "scores" if all_scores else None,
+                    out / ".scan-checkpoint.safetensors", header["input_digest"], progress)
+    return job, warnings
 
 
 def run_trace(
@@ -368,98 +390,48 @@ def run_trace(
     when re-run with the same inputs.
     """
     check_trace_options(rank, index, candidates_k, rescore, approximate)
+    if index is not None and all_scores:
+        raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
     rescore = max(rescore, config.top_k, config.bottom_k)
     out = Path(out_dir)
     queries = load_queries(queries_path)
-    staged = rank is not None or index is not None
     index_obj = open_corpus_index(index, model, corpus) if index is not None else None
-    key = _digest({
-        "queries": [asdict(q) for q in queries], "corpus": corpus.fingerprint,
-        "factors": curvature.metadata.get("fingerprint"), "config": asdict(config),
-        "curvature": curvature.metadata.get("config"), "candidates_k": candidates_k,
-        "all_scores": all_scores, "rank": rank, "rescore": rescore if staged else None,
-        "index": index_obj.manifest if index_obj is not None else None,
-        "approximate": approximate,
-    })
-    results_path = out / "results.json"
-    if results_path.is_file():
-        try:
-            previous = read_json(results_path)
-        except DatasleuthError:
-            previous = {}
-        if previous.get("input_digest") == key:
-            say(f"reusing {results_path} (same model, corpus, factors, queries and settings)")
-            return previous
-    check_context(model, corpus.seq_len)
-    encoded, batches = query_batches(queries, tokenizer, config.batch_size,
-                                     max_length=context_length(model))
-    warnings = []
-    candidates = None
-    if candidates_k is not None:
-        from datasleuth.scale.bm25 import FILTER_WARNING
-
-        ignore = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
-        with rank_zero_first():
-            candidates = bm25_candidates(corpus, encoded, workdir or out, candidates_k, ignore)
-        warnings.append(f"{FILTER_WARNING} (top {candidates_k} per query)")
-        say(f"warning: {warnings[-1]}")
-    rows = [{"id": q.id, "prompt": q.prompt, "completion": q.completion,
-             "completion_tokens": e.get("completion_tokens", [])}
-            for q, e in zip(queries, encoded)]
-    header = {"model": model_name, "corpus": corpus_name, "input_digest": key}
-    scores_dir = out / "scores" if all_scores else None
-    checkpoint = out / ".scan-checkpoint.safetensors"
-    stage: dict[str, Any] = {"kind": "full"}
-    if not staged:
-        pre = precondition_queries(model, CausalLMTask(), curvature, batches)
-        scan = scan_corpus(model, pre, corpus, config, candidates=candidates,
-                           scores_dir=scores_dir, query_ids=[q.id for q in queries],
-                           progress=progress, checkpoint=checkpoint, run_key=key)
-        if scan.stats["resumed_at"]:
-            say(f"resumed the scan after {scan.stats['resumed_at']} sequences")
-        results = trace_details(model, pre, corpus, scan, rows, config, header)
-    else:
-        if index_obj is not None:
-            if all_scores:
-                raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
-            lists, samples, scanned = _index_candidates(
-                index_obj, model, batches, rescore, config.bottom_k > 0, approximate,
-                config.histogram_sample)
-            stage = {"kind": "index", "index": str(index), "approximate": approximate,
-                     "rescored_per_query": rescore}
-            say(f"index search: {rescore} candidates per query from {index_obj.rows} sequences")
-            warnings.append(f"candidates from the projected-gradient index {index} "
-                            f"({rescore} per query); scores re-computed with full "
-                            f"{curvature.kind}; the histogram shows projected index scores")
-        else:
-            from datasleuth.scale.batching import compress_queries, scan_low_rank
-
-            low = compress_queries(model, CausalLMTask(), curvature, batches, rank)
-            wide = replace(config, top_k=rescore, bottom_k=rescore if config.bottom_k else 0)
-            scan = scan_corpus(
-                model, None, corpus, wide, candidates=candidates, scores_dir=scores_dir,
-                query_ids=[q.id for q in queries], progress=progress, checkpoint=checkpoint,
-                run_key=key, shape=(len(queries), len(low.layer_names)),
-                scanner=lambda m, t, loader, on_scores, p: scan_low_rank(
-                    m, t, low, loader, on_scores, p))
-            lists = [np.union1d(np.array([i for i, _, _ in scan.top.results(q)], np.int64),
-                                np.array([i for i, _, _ in scan.bottom.results(q)], np.int64))
-                     for q in range(len(queries))]
-            samples, scanned = scan.samples, scan.scanned
-            stage = {"kind": "low_rank", "rank": rank, "rescored_per_query": rescore}
-            warnings.append(f"candidates from rank-{rank} query batching ({rescore} best and "
-                            f"worst per query), re-scored at full rank; the histogram shows "
-                            f"rank-{rank} scores")
-        results = _rescore_by_chunks(model, curvature, corpus, batches, lists, rows, config,
-                                     header, samples, scanned, progress)
-    results["warnings"] = warnings
+    key = _trace_key(queries, corpus, curvature, config, candidates_k=candidates_k,
+                     all_scores=all_scores, rank=rank, rescore=rescore, index=index_obj,
+                     approximate=approximate)
+    previous = _reusable(out / "results.json", key)
+    if previous is not None:
+        return previous
+    job, warnings = _trace_job(model, tokenizer, corpus, curvature, queries, config, out,
+                               {"model": model_name, "corpus": corpus_name, "input_digest": key},
+                               candidates_k=candidates_k, workdir=workdir or out,
+                               all_scores=all_scores, progress=progress)
+    results, first = _find_and_score(job, index_obj, index, rank, rescore, approximate)
+    results["warnings"] = warnings + ([first.warning] if first else [])
     results["config"].update(curvature=curvature.metadata.get("config"),
                              candidates_k=candidates_k, layers=curvature.layer_names,
-                             first_stage=stage)
+                             first_stage=first.stage if first else {"kind": "full"})
     if world()[0] == 0:
-        write_json(results_path, results)
+        write_json(out / "results.json", results)
     barrier()
     return results
+
+
+def _find_and_score(job: TraceJob, index: GradientIndex | None, directory: str | Path | None,
+                    rank: int | None, rescore: int, approximate: bool
+                    ) -> tuple[dict[str, Any], FirstStage | None]:
+    """The results document of the chosen candidate stage, and that stage (None: full scan)."""
+    if index is not None and directory is not None:
+        first: FirstStage | None = index_stage(job, index, directory, rescore, approximate)
+        say(f"index search: {rescore} candidates per query from {index.rows} sequences")
+    else:
+        first = low_rank_stage(job, rank, rescore) if rank is not None else None
+    if first is not None:
+        return rescore_by_chunks(job, first), first
+    results, resumed_at = full_scan(job)
+    if resumed_at:
+        say(f"resumed the scan after {resumed_at} sequences")
+    return results, None
 
 
 def run_self_influence(
@@ -471,7 +443,7 @@ def run_self_influence(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Rank every packed sequence by self-influence ∇Lᵀ(G + λI)⁻¹∇L (METHOD.md §6).
+    """Rank every packed sequence by self-influence ∇Lᵀ(G + λI)⁻¹∇L (METHOD.md §8).
 
     High self-influence marks sequences the model could not fit from the rest of the
     data: mislabeled, corrupt or unusual text (Koh & Liang 2017; Grosse et al. 2023).
@@ -480,37 +452,58 @@ def run_self_influence(
     with their text and source documents); returns the latter. Under torch.distributed
     each process scores its block of the corpus and rank 0 writes the files.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from datasleuth.scoring import Scores, self_influence
-
     check_context(model, corpus.seq_len)
-    task = CausalLMTask()
-    block = list(shard(len(corpus)))  # this process's sequences (all of them alone)
-    loader = DataLoader(block, batch_size=batch_size, collate_fn=corpus.collate)
-    parts: list[tuple[Tensor, Tensor, Tensor]] = []
-    names: list[str] = list(curvature.layer_names)
-    if block:
-        scores = self_influence(model, task, curvature, loader, progress=progress)
-        names = scores.layer_names
-        parts.append((scores.total.double(), scores.per_layer.double(), scores.loss.double()))
-    gathered = [p for ps in gather_objects(parts) for p in ps]  # blocks in rank order
-    scores = Scores(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
-                    names)
-    loss = torch.cat([g[2] for g in gathered])
+    scores, loss = _all_self_influence(model, corpus, curvature, batch_size, progress)
     if world()[0] != 0:
         barrier()
         return {"top": [], "n_sequences": len(corpus)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cols = {"sequence": pa.array(np.arange(len(corpus), dtype=np.int64)),
+    _write_self_influence_table(out / "self_influence.parquet", scores, loss)
+    doc = {"format_version": 1, "tool": "datasleuth", "kind": "self_influence",
+           "curvature": curvature.metadata.get("config"), "layer_names": scores.layer_names,
+           "n_sequences": len(corpus), "top": _self_influence_top(corpus, scores, loss, top_k)}
+    write_json(out / "self_influence.json", doc)
+    barrier()
+    return doc
+
+
+def _all_self_influence(model: nn.Module, corpus: PackedCorpus, curvature: Curvature,
+                        batch_size: int, progress: bool) -> tuple[Scores, Tensor]:
+    """Self-influence and loss of every sequence, each process scoring its block."""
+    from datasleuth.scoring import self_influence
+
+    block = list(shard(len(corpus)))  # this process's sequences (all of them alone)
+    loader = DataLoader(block, batch_size=batch_size, collate_fn=corpus.collate)
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    names: list[str] = list(curvature.layer_names)
+    if block:
+        scores = self_influence(model, CausalLMTask(), curvature, loader, progress=progress)
+        names = scores.layer_names
+        parts.append((scores.total.double(), scores.per_layer.double(), scores.loss.double()))
+    gathered = [p for ps in gather_objects(parts) for p in ps]  # blocks in rank order
+    scores = Scores(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
+                    names)
+    return scores, torch.cat([g[2] for g in gathered])
+
+
+def _write_self_influence_table(path: Path, scores: Scores, loss: Tensor) -> None:
+    """Every sequence's self-influence, per-layer scores and loss as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"sequence": pa.array(np.arange(len(loss), dtype=np.int64)),
             "self_influence": pa.array(scores.total.double().numpy()),
             "loss": pa.array(loss.numpy())}
     for j, name in enumerate(scores.layer_names):
         cols[f"layer:{name}"] = pa.array(scores.per_layer[:, j].double().numpy())
-    with atomic_path(out / "self_influence.parquet") as tmp:
+    with atomic_path(path) as tmp:
         pq.write_table(pa.table(cols), str(tmp))
+
+
+def _self_influence_top(corpus: PackedCorpus, scores: Scores, loss: Tensor, top_k: int
+                        ) -> list[dict[str, Any]]:
+    """The ``top_k`` sequences by self-influence with their loss rank, text and documents."""
     order = torch.argsort(-scores.total.double(), stable=True)[:top_k].tolist()
     rank_by_loss = torch.argsort(torch.argsort(-loss, stable=True), stable=True)
     rows = []
@@ -520,9 +513,4 @@ def run_self_influence(
                      "layer_scores": [float(x) for x in scores.per_layer[i]],
                      "loss": float(loss[i]), "loss_rank": int(rank_by_loss[i]) + 1,
                      "documents": docs, "text": corpus.text(i)})
-    doc = {"format_version": 1, "tool": "datasleuth", "kind": "self_influence",
-           "curvature": curvature.metadata.get("config"), "layer_names": scores.layer_names,
-           "n_sequences": len(corpus), "top": rows}
-    write_json(out / "self_influence.json", doc)
-    barrier()
-    return doc
+    return rows

@@ -114,6 +114,44 @@ def _subset_loader(corpus: PackedCorpus, indices: Sequence[int], batch_size: int
                       collate_fn=corpus.collate)
 
 
+def _scan_set(corpus: PackedCorpus, candidates: list[np.ndarray] | None, n_queries: int
+              ) -> tuple[np.ndarray, Tensor | None]:
+    """The sequences to scan (sorted) and, with candidates, which query may score which."""
+    if candidates is None:
+        union, member = np.arange(len(corpus)), None
+    else:
+        union = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates]))
+        member = torch.zeros(n_queries, len(corpus), dtype=torch.bool)
+        for q, c in enumerate(candidates):
+            member[q, torch.as_tensor(np.asarray(c, dtype=np.int64))] = True
+    if len(union) == 0:
+        raise DatasleuthError("there is nothing to scan: the corpus or candidate set is empty")
+    return union, member
+
+
+def _scan_shape(preconditioned: dict[str, Tensor] | None, shape: tuple[int, int] | None
+                ) -> tuple[int, int]:
+    """(queries, layers) of a scan."""
+    if shape is not None:
+        return shape
+    if preconditioned:
+        return next(iter(preconditioned.values())).shape[0], len(preconditioned)
+    raise DatasleuthError("scan_corpus needs preconditioned queries or shape=(Q, L)")
+
+
+def _per_process(key: str, checkpoint: str | Path | None, scores_dir: str | Path | None
+                 ) -> tuple[str, str | Path | None, str | Path | None]:
+    """This process's checkpoint key, checkpoint file and score folder under torchrun."""
+    rank, size = world()
+    if size == 1:
+        return key, checkpoint, scores_dir
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).with_suffix(f".rank{rank}.safetensors")
+    if scores_dir is not None:
+        scores_dir = Path(scores_dir) / f"rank-{rank:03d}"
+    return f"{key}:rank{rank}/{size}", checkpoint, scores_dir
+
+
 def scan_corpus(
     model: nn.Module,
     preconditioned: dict[str, Tensor] | None,
@@ -138,41 +176,22 @@ def scan_corpus(
     ``checkpoint_seconds``; a re-run with the same ``run_key`` resumes after the last
     saved batch instead of starting over.
     """
-    if shape is not None:
-        n_queries, n_layers = shape
-    elif preconditioned:
-        n_queries = next(iter(preconditioned.values())).shape[0]
-        n_layers = len(preconditioned)
-    else:
-        raise DatasleuthError("scan_corpus needs preconditioned queries or shape=(Q, L)")
-    if candidates is not None:
-        union = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates]))
-        member = torch.zeros(n_queries, len(corpus), dtype=torch.bool)
-        for q, c in enumerate(candidates):
-            member[q, torch.as_tensor(np.asarray(c, dtype=np.int64))] = True
-    else:
-        union, member = np.arange(len(corpus)), None
-    if len(union) == 0:
-        raise DatasleuthError("there is nothing to scan: the corpus or candidate set is empty")
-    state = _ScanState(n_queries, n_layers, config, stride=max(1, len(union) //
-                                                                config.histogram_sample))
-    rank, size = world()
+    n_queries, n_layers = _scan_shape(preconditioned, shape)
+    if scanner is None and preconditioned is None:
+        raise DatasleuthError("scan_corpus needs preconditioned queries or a scanner")
+    union, member = _scan_set(corpus, candidates, n_queries)
+    state = _ScanState(n_queries, n_layers, config,
+                       stride=max(1, len(union) // config.histogram_sample))
     block = shard(len(union))  # this process's sequences (all of them for one process)
-    key = f"{run_key}:{len(union)}:{int(np.sum(union, dtype=np.int64))}"
-    if size > 1:
-        key += f":rank{rank}/{size}"
-        if checkpoint is not None:
-            checkpoint = Path(checkpoint).with_suffix(f".rank{rank}.safetensors")
-        if scores_dir is not None:
-            scores_dir = Path(scores_dir) / f"rank-{rank:03d}"
+    key, checkpoint, scores_dir = _per_process(
+        f"{run_key}:{len(union)}:{int(np.sum(union, dtype=np.int64))}", checkpoint, scores_dir)
     state.position = block.start
     if checkpoint is not None:
         state.restore(checkpoint, key)
     done = state.position
     loader = _subset_loader(corpus, union[done : block.stop], config.batch_size)
     writer = _ParquetParts(scores_dir, query_ids, keep=state.parts) if scores_dir else None
-    task = CausalLMTask()
-    last_save = [time.monotonic()]
+    saver = _Snapshots(state, writer, checkpoint, key, checkpoint_seconds)
 
     def on_scores(start: int, per_layer: Tensor) -> None:
         start += done
@@ -182,26 +201,38 @@ def scan_corpus(
         state.update(start, idx, total, per_layer, valid)
         if writer is not None:
             writer.write(idx, torch.where(valid, total, float("nan")))
-        if checkpoint is not None and time.monotonic() - last_save[0] >= checkpoint_seconds:
-            state.parts = writer.flush() if writer is not None else 0
-            state.save(checkpoint, key)
-            last_save[0] = time.monotonic()
+        saver.maybe_save()
 
     if scanner is None:
-        if preconditioned is None:
-            raise DatasleuthError("scan_corpus needs preconditioned queries or a scanner")
-        scan_scores(model, task, preconditioned, loader, on_scores, progress=progress)
+        scan_scores(model, CausalLMTask(), preconditioned, loader, on_scores, progress=progress)
     else:
-        scanner(model, task, loader, on_scores, progress)
+        scanner(model, CausalLMTask(), loader, on_scores, progress)
     if writer is not None:
         writer.flush()
-    if size > 1:
+    if world()[1] > 1:
         state.merge_processes()
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     return ScanResult(state.top, state.bottom, state.samples, state.scanned,
                       {"scanned_sequences": int(len(union)),
                        "resumed_at": int(done - block.start)})
+
+
+class _Snapshots:
+    """Save the scan state (and close the open Parquet part) every ``seconds``."""
+
+    def __init__(self, state: _ScanState, writer: _ParquetParts | None,
+                 path: str | Path | None, key: str, seconds: float):
+        self.state, self.writer, self.path, self.key = state, writer, path, key
+        self.seconds = seconds
+        self.last = time.monotonic()
+
+    def maybe_save(self) -> None:
+        if self.path is None or time.monotonic() - self.last < self.seconds:
+            return
+        self.state.parts = self.writer.flush() if self.writer is not None else 0
+        self.state.save(self.path, self.key)
+        self.last = time.monotonic()
 
 
 class _ScanState:
@@ -339,6 +370,45 @@ def _sparsity(sample: list[float], power_law: bool, max_fit: int = 2000) -> dict
     return out
 
 
+def _token_heat(model: nn.Module, preconditioned: dict[str, Tensor], corpus: PackedCorpus,
+                indices: list[int], batch_size: int) -> dict[int, Tensor]:
+    """Token-wise scores of the given sequences: index -> (Q, T) summed over layers."""
+    tokens: dict[int, Tensor] = {}
+    for start in range(0, len(indices), batch_size):
+        part = indices[start : start + batch_size]
+        ts = token_scores(model, CausalLMTask(), preconditioned,
+                          corpus.collate(part))  # (B, Q, T, L)
+        for j, i in enumerate(part):
+            tokens[i] = ts[j].sum(-1).cpu()
+    return tokens
+
+
+def _documents(corpus: PackedCorpus, i: int) -> list[dict[str, int]]:
+    """The documents sequence ``i`` was cut from, first piece of each, in order."""
+    docs, seen = [], set()
+    for seg in corpus.segments(i):
+        if seg.doc_index not in seen:
+            seen.add(seg.doc_index)
+            docs.append({"doc_index": int(seg.doc_index), "char_start": int(seg.char_start),
+                         "char_end": int(seg.char_end)})
+    return docs
+
+
+def _sequence_row(corpus: PackedCorpus, heat: Tensor, rank: int, i: int, score: float,
+                  layers: list[float]) -> dict[str, Any]:
+    """One selected sequence of one query in the results document; ``heat`` is (T,)."""
+    pieces = corpus.token_pieces(i)
+    a = heat[: len(pieces)].double()
+    l1 = float(a.abs().sum())
+    ratio = float(a.norm()) / l1 if l1 > 0 else 0.0
+    return {
+        "rank": rank, "index": int(i), "score": float(score),
+        "layer_scores": [float(x) for x in layers], "documents": _documents(corpus, i),
+        "tokens": [p for p, _, _ in pieces], "token_scores": a.tolist(),
+        "spurious": ratio > SPURIOUS_RATIO, "token_offset_note": TOKEN_OFFSET_NOTE,
+    }
+
+
 def trace_details(
     model: nn.Module,
     preconditioned: dict[str, Tensor],
@@ -350,37 +420,13 @@ def trace_details(
     rescored: bool = False,
 ) -> dict[str, Any]:
     """Token-wise scores for the selected sequences and the results document (report schema)."""
-    task = CausalLMTask()
     layer_names = list(preconditioned)
     chosen = [scan.top.results(q) + scan.bottom.results(q)[: config.bottom_k]
               for q in range(len(queries))]
     needed = sorted({i for rows in chosen for i, _, _ in rows})
-    tokens: dict[int, Tensor] = {}  # index -> (Q, T) token scores summed over layers
-    for start in range(0, len(needed), config.batch_size):
-        part = needed[start : start + config.batch_size]
-        ts = token_scores(model, task, preconditioned, corpus.collate(part))  # (B, Q, T, L)
-        for j, i in enumerate(part):
-            tokens[i] = ts[j].sum(-1).cpu()
+    tokens = _token_heat(model, preconditioned, corpus, needed, config.batch_size)
     out_queries = []
     for q, query in enumerate(queries):
-        def sequence(rank: int, i: int, score: float, layers: list[float], q: int = q) -> dict:
-            pieces = corpus.token_pieces(i)
-            a = tokens[i][q, : len(pieces)].double()
-            l1 = float(a.abs().sum())
-            ratio = float(a.norm()) / l1 if l1 > 0 else 0.0
-            docs, seen = [], set()
-            for seg in corpus.segments(i):
-                if seg.doc_index not in seen:
-                    seen.add(seg.doc_index)
-                    docs.append({"doc_index": int(seg.doc_index), "char_start": int(seg.char_start),
-                                 "char_end": int(seg.char_end)})
-            return {
-                "rank": rank, "index": int(i), "score": float(score),
-                "layer_scores": [float(x) for x in layers], "documents": docs,
-                "tokens": [p for p, _, _ in pieces], "token_scores": a.tolist(),
-                "spurious": ratio > SPURIOUS_RATIO, "token_offset_note": TOKEN_OFFSET_NOTE,
-            }
-
         top_rows = scan.top.results(q)
         bottom_rows = scan.bottom.results(q)[: config.bottom_k] if config.bottom_k else []
         out_queries.append({
@@ -392,8 +438,10 @@ def trace_details(
             "sparsity": _sparsity(scan.samples[q], config.power_law),
             "n_scanned": int(scan.scanned[q]),
             "layer_names": layer_names,
-            "top": [sequence(r + 1, i, s, ly) for r, (i, s, ly) in enumerate(top_rows)],
-            "bottom": [sequence(r + 1, i, s, ly) for r, (i, s, ly) in enumerate(bottom_rows)],
+            "top": [_sequence_row(corpus, tokens[i][q], r + 1, i, s, ly)
+                    for r, (i, s, ly) in enumerate(top_rows)],
+            "bottom": [_sequence_row(corpus, tokens[i][q], r + 1, i, s, ly)
+                       for r, (i, s, ly) in enumerate(bottom_rows)],
         })
     doc = {
         "format_version": 1,

@@ -125,6 +125,104 @@ def _distinct_pairs(
     return docs.astype(np.int32), tokens.astype(np.int32)
 
 
+def _check_build_settings(k1: float, b: float, chunk_size: int, dtype: str,
+                          corpus_fingerprint: Any) -> None:
+    """Refuse BM25 parameters and build settings outside their ranges, in one line."""
+    if not (math.isfinite(k1) and k1 >= 0):
+        raise DatasleuthError(f"BM25 k1 must be a finite number >= 0, got {k1}; use 1.5")
+    if not (math.isfinite(b) and 0.0 <= b <= 1.0):
+        raise DatasleuthError(f"BM25 b must lie in [0, 1], got {b}; use 0 (paper) or 0.75")
+    if chunk_size < 1:
+        raise DatasleuthError(f"chunk_size must be >= 1, got {chunk_size}; use e.g. 4096")
+    if dtype not in _DTYPES:
+        raise DatasleuthError(f"dtype must be one of {_DTYPES}, got {dtype!r}; use 'float32'")
+    if not isinstance(corpus_fingerprint, str):
+        raise DatasleuthError("corpus_fingerprint must be a string; pass the corpus hash")
+
+
+def _collect_pairs(
+    token_sequences: Iterable[TokenSequence], ignore: np.ndarray, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Distinct (sequence, token) pairs of the whole corpus, read in chunks; and its size."""
+    doc_parts: list[np.ndarray] = []
+    token_parts: list[np.ndarray] = []
+    chunk: list[np.ndarray] = []
+    num_docs = 0
+
+    def flush() -> None:
+        nonlocal num_docs, chunk
+        docs, tokens = _distinct_pairs(chunk, num_docs, ignore)
+        doc_parts.append(docs)
+        token_parts.append(tokens)
+        num_docs += len(chunk)
+        chunk = []
+
+    for sequence in token_sequences:
+        chunk.append(_as_token_array(sequence, f"training sequence {num_docs + len(chunk)}"))
+        if len(chunk) == chunk_size:
+            flush()
+            if num_docs > _INT32_MAX:
+                raise DatasleuthError(
+                    "the BM25 filter holds at most 2**31 - 1 sequences; "
+                    "split the corpus into shards"
+                )
+    if chunk:
+        flush()
+    if num_docs == 0:
+        raise DatasleuthError(
+            "the BM25 candidate filter got no training sequences; pass the tokenised corpus"
+        )
+    return np.concatenate(doc_parts), np.concatenate(token_parts), num_docs
+
+
+def _vocab_size(tokens: np.ndarray, vocab_size: int | None) -> int:
+    """The given vocabulary size (checked against the ids seen), else the largest id + 1."""
+    seen = int(tokens.max()) + 1 if tokens.size else 0
+    if vocab_size is None:
+        return max(seen, 1)
+    if vocab_size < seen:
+        raise DatasleuthError(
+            f"vocab_size={vocab_size} but the corpus holds token id {seen - 1}; "
+            "pass the tokenizer's full vocabulary size"
+        )
+    return vocab_size
+
+
+def _score_matrix(
+    token_sequences: Iterable[TokenSequence], ignore: np.ndarray, *, chunk_size: int,
+    vocab_size: int | None, k1: float, b: float, dtype: str,
+) -> tuple[dict[str, Any], int]:
+    """``bm25s``'s eager CSC score matrix (columns: token ids) and the vocabulary size.
+
+    The pair arrays are dropped as soon as they are used: memory peaks at a few numbers
+    per distinct (sequence, token) pair.
+    """
+    docs, tokens, num_docs = _collect_pairs(token_sequences, ignore, chunk_size)
+    vocab_size = _vocab_size(tokens, vocab_size)
+    # n_t (document frequency) and |T| (distinct tokens per sequence).
+    doc_freq = np.bincount(tokens, minlength=vocab_size)
+    doc_len = np.bincount(docs, minlength=num_docs).astype(np.float64)
+    idf = np.log1p((num_docs - doc_freq + 0.5) / (doc_freq + 0.5))
+
+    # CSC layout (columns = token ids); a stable sort keeps sequences ascending per column.
+    order = np.argsort(tokens, kind="stable")
+    del tokens
+    indices = docs[order].astype(np.int32)
+    del docs, order
+    indptr = np.zeros(vocab_size + 1, dtype=np.int64)
+    np.cumsum(doc_freq, out=indptr[1:])
+
+    mean_len = float(doc_len.mean())
+    if b == 0.0 or mean_len == 0.0:
+        norm = np.ones(indices.size, dtype=np.float64)
+    else:
+        norm = (1.0 - b + b * doc_len / mean_len)[indices]
+    data = np.repeat(idf * (k1 + 1.0), doc_freq) / (1.0 + k1 * norm)
+    scores = {"data": data.astype(dtype), "indices": indices, "indptr": indptr,
+              "num_docs": num_docs}
+    return scores, vocab_size
+
+
 class CandidateFilter:
     """Per-query top-K pre-selection of training sequences by binary-presence BM25.
 
@@ -193,79 +291,10 @@ class CandidateFilter:
         the largest id seen + 1. ``corpus_fingerprint`` identifies the corpus; :meth:`load`
         refuses an index whose fingerprint differs from the caller's.
         """
-        if not (math.isfinite(k1) and k1 >= 0):
-            raise DatasleuthError(f"BM25 k1 must be a finite number >= 0, got {k1}; use 1.5")
-        if not (math.isfinite(b) and 0.0 <= b <= 1.0):
-            raise DatasleuthError(f"BM25 b must lie in [0, 1], got {b}; use 0 (paper) or 0.75")
-        if chunk_size < 1:
-            raise DatasleuthError(f"chunk_size must be >= 1, got {chunk_size}; use e.g. 4096")
-        if dtype not in _DTYPES:
-            raise DatasleuthError(f"dtype must be one of {_DTYPES}, got {dtype!r}; use 'float32'")
-        if not isinstance(corpus_fingerprint, str):
-            raise DatasleuthError("corpus_fingerprint must be a string; pass the corpus hash")
+        _check_build_settings(k1, b, chunk_size, dtype, corpus_fingerprint)
         ignore = np.unique(_as_token_array(list(ignore_ids), "ignore_ids"))
-
-        doc_parts: list[np.ndarray] = []
-        token_parts: list[np.ndarray] = []
-        chunk: list[np.ndarray] = []
-        num_docs = 0
-        for sequence in token_sequences:
-            chunk.append(_as_token_array(sequence, f"training sequence {num_docs + len(chunk)}"))
-            if len(chunk) == chunk_size:
-                docs, tokens = _distinct_pairs(chunk, num_docs, ignore)
-                doc_parts.append(docs)
-                token_parts.append(tokens)
-                num_docs += len(chunk)
-                chunk = []
-                if num_docs > _INT32_MAX:
-                    raise DatasleuthError(
-                        "the BM25 filter holds at most 2**31 - 1 sequences; "
-                        "split the corpus into shards"
-                    )
-        if chunk:
-            docs, tokens = _distinct_pairs(chunk, num_docs, ignore)
-            doc_parts.append(docs)
-            token_parts.append(tokens)
-            num_docs += len(chunk)
-            chunk = []
-        if num_docs == 0:
-            raise DatasleuthError(
-                "the BM25 candidate filter got no training sequences; pass the tokenised corpus"
-            )
-
-        docs = np.concatenate(doc_parts) if doc_parts else np.zeros(0, dtype=np.int32)
-        tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, dtype=np.int32)
-        del doc_parts, token_parts
-        seen = int(tokens.max()) + 1 if tokens.size else 0
-        if vocab_size is None:
-            vocab_size = max(seen, 1)
-        elif vocab_size < seen:
-            raise DatasleuthError(
-                f"vocab_size={vocab_size} but the corpus holds token id {seen - 1}; "
-                "pass the tokenizer's full vocabulary size"
-            )
-
-        # n_t (document frequency) and |T| (distinct tokens per sequence).
-        doc_freq = np.bincount(tokens, minlength=vocab_size)
-        doc_len = np.bincount(docs, minlength=num_docs).astype(np.float64)
-        idf = np.log1p((num_docs - doc_freq + 0.5) / (doc_freq + 0.5))
-
-        # CSC layout (columns = token ids); a stable sort keeps sequences ascending per column.
-        order = np.argsort(tokens, kind="stable")
-        del tokens
-        indices = docs[order].astype(np.int32)
-        del docs, order
-        indptr = np.zeros(vocab_size + 1, dtype=np.int64)
-        np.cumsum(doc_freq, out=indptr[1:])
-
-        mean_len = float(doc_len.mean())
-        if b == 0.0 or mean_len == 0.0:
-            norm = np.ones(indices.size, dtype=np.float64)
-        else:
-            norm = (1.0 - b + b * doc_len / mean_len)[indices]
-        data = np.repeat(idf * (k1 + 1.0), doc_freq) / (1.0 + k1 * norm)
-        data = data.astype(dtype)
-
+        scores, vocab_size = _score_matrix(token_sequences, ignore, chunk_size=chunk_size,
+                                           vocab_size=vocab_size, k1=k1, b=b, dtype=dtype)
         retriever = bm25s.BM25(
             k1=k1,
             b=b,
@@ -275,18 +304,13 @@ class CandidateFilter:
             int_dtype="int32",
             backend="numpy",
         )
-        retriever.scores = {
-            "data": data,
-            "indices": indices,
-            "indptr": indptr,
-            "num_docs": num_docs,
-        }
+        retriever.scores = scores
         retriever.vocab_dict = {}  # columns are model token ids: no string vocabulary
         retriever.unique_token_ids_set = set()
         retriever.nonoccurrence_array = None
         return cls(
             retriever,
-            num_sequences=num_docs,
+            num_sequences=int(scores["num_docs"]),
             vocab_size=int(vocab_size),
             k1=float(k1),
             b=float(b),
@@ -409,57 +433,8 @@ class CandidateFilter:
         ``mmap=True`` memory-maps the score arrays (``bm25s``'s own option).
         """
         root = Path(directory)
-        meta_path = root / METADATA_NAME
-        rebuild = "rebuild it with CandidateFilter.build(...).save(...)"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DatasleuthError(
-                f"no BM25 candidate filter found at {root} ({METADATA_NAME} missing); {rebuild}"
-            ) from None
-        except (OSError, ValueError) as err:
-            raise DatasleuthError(
-                f"cannot read BM25 candidate filter metadata {meta_path} ({err}); {rebuild}"
-            ) from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise DatasleuthError(f"{meta_path} is not a BM25 candidate filter; {rebuild}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DatasleuthError(
-                f"BM25 candidate filter at {root} has format version "
-                f"{meta.get('format_version')}, this datasleuth reads {FORMAT_VERSION}; {rebuild}"
-            )
-        stored = meta.get("corpus_fingerprint")
-        if corpus_fingerprint is not None and stored != corpus_fingerprint:
-            raise DatasleuthError(
-                f"BM25 candidate filter at {root} was built for corpus fingerprint {stored!r}, "
-                f"not {corpus_fingerprint!r}; rebuild the index for this corpus or point to "
-                "the matching index directory"
-            )
-        index_dir = meta.get("index_dir")
-        if not isinstance(index_dir, str) or not index_dir.startswith("bm25s-"):
-            raise DatasleuthError(f"{meta_path} names no index directory; {rebuild}")
-        try:
-            retriever = bm25s.BM25.load(
-                root / index_dir, mmap=mmap, allow_pickle=False, show_progress=False
-            )
-        except (OSError, ValueError, TypeError) as err:
-            raise DatasleuthError(
-                f"cannot read the BM25 index under {root / index_dir} ({err}); {rebuild}"
-            ) from None
-        arrays = retriever.scores
-        consistent = (
-            retriever.method == _BM25S_METHOD
-            and retriever.idf_method == _BM25S_IDF_METHOD
-            and arrays["num_docs"] == meta["num_sequences"]
-            and arrays["indptr"].shape == (meta["vocab_size"] + 1,)
-            and int(arrays["indptr"][-1]) == meta["nnz"] == arrays["indices"].size
-            and arrays["data"].size == meta["nnz"]
-        )
-        if not consistent:
-            raise DatasleuthError(
-                f"BM25 index files under {root / index_dir} do not match {meta_path}; {rebuild}"
-            )
-        retriever.nonoccurrence_array = None
+        meta = _read_metadata(root, corpus_fingerprint)
+        retriever = _load_retriever(root, meta, mmap)
         return cls(
             retriever,
             num_sequences=int(meta["num_sequences"]),
@@ -467,9 +442,73 @@ class CandidateFilter:
             k1=float(meta["k1"]),
             b=float(meta["b"]),
             ignore_ids=tuple(int(i) for i in meta["ignore_ids"]),
-            corpus_fingerprint=str(stored),
+            corpus_fingerprint=str(meta.get("corpus_fingerprint")),
             dtype=str(meta["dtype"]),
         )
+
+
+_REBUILD = "rebuild it with CandidateFilter.build(...).save(...)"
+
+
+def _read_metadata(root: Path, corpus_fingerprint: str | None) -> dict[str, Any]:
+    """The checked metadata of the index under ``root`` (format, version, corpus)."""
+    meta_path = root / METADATA_NAME
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasleuthError(
+            f"no BM25 candidate filter found at {root} ({METADATA_NAME} missing); {_REBUILD}"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise DatasleuthError(
+            f"cannot read BM25 candidate filter metadata {meta_path} ({err}); {_REBUILD}"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise DatasleuthError(f"{meta_path} is not a BM25 candidate filter; {_REBUILD}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DatasleuthError(
+            f"BM25 candidate filter at {root} has format version "
+            f"{meta.get('format_version')}, this datasleuth reads {FORMAT_VERSION}; {_REBUILD}"
+        )
+    stored = meta.get("corpus_fingerprint")
+    if corpus_fingerprint is not None and stored != corpus_fingerprint:
+        raise DatasleuthError(
+            f"BM25 candidate filter at {root} was built for corpus fingerprint {stored!r}, "
+            f"not {corpus_fingerprint!r}; rebuild the index for this corpus or point to "
+            "the matching index directory"
+        )
+    index_dir = meta.get("index_dir")
+    if not isinstance(index_dir, str) or not index_dir.startswith("bm25s-"):
+        raise DatasleuthError(f"{meta_path} names no index directory; {_REBUILD}")
+    return meta
+
+
+def _load_retriever(root: Path, meta: dict[str, Any], mmap: bool) -> bm25s.BM25:
+    """The ``bm25s`` retriever the metadata names, checked against the metadata."""
+    index_dir = root / meta["index_dir"]
+    try:
+        retriever = bm25s.BM25.load(index_dir, mmap=mmap, allow_pickle=False,
+                                    show_progress=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise DatasleuthError(
+            f"cannot read the BM25 index under {index_dir} ({err}); {_REBUILD}"
+        ) from None
+    arrays = retriever.scores
+    consistent = (
+        retriever.method == _BM25S_METHOD
+        and retriever.idf_method == _BM25S_IDF_METHOD
+        and arrays["num_docs"] == meta["num_sequences"]
+        and arrays["indptr"].shape == (meta["vocab_size"] + 1,)
+        and int(arrays["indptr"][-1]) == meta["nnz"] == arrays["indices"].size
+        and arrays["data"].size == meta["nnz"]
+    )
+    if not consistent:
+        raise DatasleuthError(
+            f"BM25 index files under {index_dir} do not match {root / METADATA_NAME}; "
+            f"{_REBUILD}"
+        )
+    retriever.nonoccurrence_array = None
+    return retriever
 
 
 def _read_index_dir(meta_path: Path) -> str | None:

@@ -1,7 +1,7 @@
 """``datasleuth evaluate``: run the evaluation suite on a recipe and print the table.
 
-Register it on the main group with ``cli.add_command(evaluate)``. User errors are
-:class:`~datasleuth.errors.DatasleuthError`, which the main CLI prints as one line.
+User errors are :class:`~datasleuth.errors.DatasleuthError`, which the main CLI prints
+as one line.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from pathlib import Path
 
 import click
 
+from datasleuth.cli.options import config_option
 from datasleuth.errors import DatasleuthError
 
 __all__ = ["evaluate"]
 
 
 @click.command("evaluate")
+@config_option
 @click.option("--recipe", default="digits", show_default=True,
               help="Built-in recipe (digits, digits-mislabeled, tiny-lm) or a .py file "
                    "defining `recipe = Recipe(...)` (the file is executed).")

@@ -1,0 +1,326 @@
+"""The language-model workflow behind ``datasleuth fit | trace | index | self-influence``.
+
+Each function loads what its options name (a local causal LM, the layers to track, the
+packed corpus), reuses what a previous run left in the work directory, runs its step
+and writes its files. The command line only turns options into these option types,
+calls the function and prints; a Python program calls the same functions::
+
+    from datasleuth.lm import LoadOptions, TraceOptions, trace_queries
+
+    results = trace_queries(LoadOptions("model", "corpus.jsonl"), TraceOptions("q.jsonl"))
+
+Option types check their values when they are made, so a bad combination is refused
+before any model is loaded. For finer control, the steps themselves
+(:func:`~datasleuth.lm.pipeline.prepare_corpus`, :func:`~datasleuth.lm.pipeline.fit_factors`,
+:func:`~datasleuth.lm.pipeline.run_trace`, ...) take loaded objects instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from datasleuth.curvature import Curvature
+from datasleuth.distributed import local_device, world
+from datasleuth.errors import DatasleuthError
+from datasleuth.fitting import FitConfig
+from datasleuth.layers import TrackedLayer
+from datasleuth.lm.corpus import PackedCorpus
+from datasleuth.lm.model import context_length, default_layers, load_model
+from datasleuth.lm.pipeline import (
+    DEFAULT_RESCORE,
+    build_corpus_index,
+    check_context,
+    check_trace_options,
+    fit_factors,
+    open_corpus_index,
+    prepare_corpus,
+    run_self_influence,
+    run_trace,
+)
+from datasleuth.lm.queries import encode_queries, load_queries
+from datasleuth.lm.trace import TraceConfig
+from datasleuth.scale.index import GradientIndex, IndexConfig
+
+__all__ = [
+    "DEFAULT_SEQ_LEN",
+    "LoadOptions",
+    "FitOptions",
+    "Candidates",
+    "TraceOptions",
+    "SelfInfluenceOptions",
+    "IndexOptions",
+    "Inputs",
+    "load_inputs",
+    "fit",
+    "trace_queries",
+    "rank_self_influence",
+    "index_corpus",
+]
+
+DEFAULT_SEQ_LEN = 512
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FISHERS = ("sampled", "empirical")
+
+
+def _positive(value: int | None, what: str, least: int = 1) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < least):
+        raise DatasleuthError(f"{what} must be an integer >= {least}, got {value!r}")
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # normalising a frozen dataclass field
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What to load: a local causal LM folder, the layers to track, the corpus to pack.
+
+    ``model`` and each corpus path are kept as given (as strings); ``corpus`` may be one
+    path or several. ``layers`` are glob patterns over module names (empty: the MLP
+    layers, plus attention projections with ``attention``). ``seq_len`` ``None`` packs
+    512 tokens, or the model's context if shorter. ``workdir`` keeps the packed corpus
+    and fitted factors for reuse.
+    """
+
+    model: str | os.PathLike[str]
+    corpus: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+    workdir: str | os.PathLike[str] = "datasleuth-work"
+    layers: Sequence[str] = ()
+    attention: bool = False
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    seq_len: int | None = None
+    text_field: str = "text"
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        paths = ((self.corpus,) if isinstance(self.corpus, (str, os.PathLike))
+                 else tuple(self.corpus))
+        _set(self, "corpus", tuple(os.fspath(p) for p in paths))
+        _set(self, "model", os.fspath(self.model))
+        _set(self, "workdir", os.fspath(self.workdir))
+        _set(self, "layers", (self.layers,) if isinstance(self.layers, str)
+             else tuple(self.layers))
+        if not self.corpus:
+            raise DatasleuthError("no corpus given; pass at least one corpus file or folder")
+        if self.dtype not in DTYPES:
+            raise DatasleuthError(f"dtype must be one of {', '.join(DTYPES)}, got "
+                                  f"{self.dtype!r}")
+        _positive(self.seq_len, "seq_len", least=2)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How curvature is fitted: the engine's :class:`FitConfig`, batch size, sample size."""
+
+    config: FitConfig = field(default_factory=FitConfig)
+    batch_size: int = 8
+    max_sequences: int | None = None  # fit on at most this many sequences (None: all)
+
+    def __post_init__(self) -> None:
+        _positive(self.batch_size, "batch_size")
+        _positive(self.max_sequences, "max_sequences")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """How each query's candidate sequences are found before exact scoring.
+
+    All stages end in exact (full-rank) scores. ``bm25``: only each query's BM25 top-k
+    sequences are scanned (METHOD.md §5; biased towards word overlap, and the results
+    say so). ``rank``: query batching, one pass with rank-k query gradients, then the
+    ``rescore`` best and worst re-scored at full rank (METHOD.md §4). ``index``: search
+    a projected-gradient index folder for ``rescore`` candidates (FAISS with
+    ``approximate``), re-scored with the fitted curvature. ``index`` goes with neither
+    ``bm25`` nor ``rank``.
+    """
+
+    bm25: int | None = None
+    rank: int | None = None
+    index: str | os.PathLike[str] | None = None
+    approximate: bool = False
+    rescore: int = DEFAULT_RESCORE
+
+    def __post_init__(self) -> None:
+        if self.index is not None:
+            _set(self, "index", os.fspath(self.index))
+        check_trace_options(self.rank, self.index, self.bm25, self.rescore, self.approximate)
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What to trace and where: the queries JSONL, the output folder, how to scan.
+
+    ``out`` receives ``results.json`` and, with ``report``, ``report.html``;
+    ``all_scores`` also streams every score to ``out/scores/`` (Parquet parts).
+    """
+
+    queries: str | os.PathLike[str]
+    out: str | os.PathLike[str] = "datasleuth-out"
+    config: TraceConfig = field(default_factory=TraceConfig)
+    candidates: Candidates = field(default_factory=Candidates)
+    all_scores: bool = False
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        _set(self, "queries", os.fspath(self.queries))
+        _set(self, "out", os.fspath(self.out))
+        if self.all_scores and self.candidates.index is not None:
+            raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.out) / "results.json"
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.out) / "report.html"
+
+
+@dataclass(frozen=True)
+class SelfInfluenceOptions:
+    """Where the self-influence ranking goes and how many sequences it lists in full."""
+
+    out: str | os.PathLike[str] = "datasleuth-self"
+    top_k: int = 20
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _set(self, "out", os.fspath(self.out))
+        _positive(self.top_k, "top_k")
+        _positive(self.batch_size, "batch_size")
+
+    @property
+    def paths(self) -> tuple[Path, Path]:
+        """The ranking's files: top-k (JSON) and every sequence (Parquet)."""
+        return Path(self.out) / "self_influence.json", Path(self.out) / "self_influence.parquet"
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """A projected-gradient index: its folder, projection (:class:`IndexConfig`), fit."""
+
+    out: str | os.PathLike[str] = "datasleuth-index"
+    config: IndexConfig = field(default_factory=IndexConfig)  # 16 x 16 per layer, float16
+    batch_size: int = 8
+    fisher: str = "sampled"
+    max_sequences: int | None = None  # fit the projected curvature on at most this many
+
+    def __post_init__(self) -> None:
+        _set(self, "out", os.fspath(self.out))
+        _positive(self.batch_size, "batch_size")
+        _positive(self.max_sequences, "max_sequences")
+        if self.fisher not in FISHERS:
+            raise DatasleuthError(f"fisher must be one of {', '.join(FISHERS)}, got "
+                                  f"{self.fisher!r}")
+
+
+@dataclass
+class Inputs:
+    """What :func:`load_inputs` loaded: model, tokenizer, tracked layers, packed corpus."""
+
+    model: nn.Module
+    tokenizer: Any
+    layers: list[TrackedLayer]
+    corpus: PackedCorpus
+
+
+def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
+    """Load the model and tokenizer, choose the layers, pack (or reuse) the corpus."""
+    model, tokenizer = load_model(options.model, dtype=options.dtype,
+                                  device=local_device(options.device),
+                                  trust_remote_code=options.trust_remote_code)
+    seq_len = options.seq_len
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, context_length(model) or DEFAULT_SEQ_LEN)
+    check_context(model, seq_len)  # before packing
+    layers = default_layers(model, include=options.layers or None, attention=options.attention)
+    paths = [Path(p) for p in options.corpus]
+    corpus = prepare_corpus(paths if len(paths) > 1 else paths[0], tokenizer, options.workdir,
+                            seq_len, options.text_field, progress, options.streaming)
+    return Inputs(model, tokenizer, layers, corpus)
+
+
+def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool
+         ) -> Curvature:
+    return fit_factors(inputs.model, inputs.layers, inputs.corpus, workdir, options.config,
+                       options.batch_size, options.max_sequences, progress)
+
+
+def fit(load: LoadOptions, options: FitOptions | None = None, *, progress: bool = True
+        ) -> Curvature:
+    """Fit curvature factors (EK-FAC by default) on the corpus, or reuse a matching fit.
+
+    The factors are kept as ``WORKDIR/factors-<kind>.safetensors``.
+    """
+    return _fit(load_inputs(load, progress=progress), load.workdir, options or FitOptions(),
+                progress)
+
+
+def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions | None = None,
+                  *, progress: bool = True) -> dict[str, Any]:
+    """Find the training sequences that made each query's completion more (or less) likely.
+
+    Bad queries, queries longer than the model's context and an index of another
+    corpus are refused before any fitting. Fits (or reuses) the curvature, writes
+    ``OUT/results.json`` (reused when every input matches) and, unless
+    ``options.report`` is off, ``OUT/report.html``; returns the results document.
+    """
+    queries = load_queries(options.queries)  # fail fast on bad queries, before heavy work
+    inputs = load_inputs(load, progress=progress)
+    encode_queries(queries, inputs.tokenizer, max_length=context_length(inputs.model))
+    stage = options.candidates
+    if stage.index is not None:
+        open_corpus_index(stage.index, inputs.model, inputs.corpus)  # a mismatch: refuse now
+    curvature = _fit(inputs, load.workdir, fitting or FitOptions(), progress)
+    results = run_trace(inputs.model, inputs.tokenizer, inputs.corpus, curvature,
+                        options.queries, options.out, options.config,
+                        model_name=str(load.model), corpus_name=", ".join(load.corpus),
+                        candidates_k=stage.bm25, workdir=load.workdir,
+                        all_scores=options.all_scores, rank=stage.rank, index=stage.index,
+                        rescore=stage.rescore, approximate=stage.approximate,
+                        progress=progress)
+    if options.report and world()[0] == 0:
+        from datasleuth.report import render_report
+
+        render_report(results, options.report_path)
+    return results
+
+
+def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None = None,
+                        fitting: FitOptions | None = None, *, progress: bool = True
+                        ) -> dict[str, Any]:
+    """Rank every packed sequence by self-influence: candidates for corrupt or odd data.
+
+    Fits (or reuses) the curvature, writes ``OUT/self_influence.parquet`` (every
+    sequence) and ``OUT/self_influence.json`` (the top-k); returns the latter (on
+    processes other than rank 0 under torchrun: an empty ``top``).
+    """
+    options = options or SelfInfluenceOptions()
+    inputs = load_inputs(load, progress=progress)
+    curvature = _fit(inputs, load.workdir, fitting or FitOptions(), progress)
+    return run_self_influence(inputs.model, inputs.corpus, curvature, options.out,
+                              options.top_k, options.batch_size, progress)
+
+
+def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
+                 progress: bool = True) -> GradientIndex:
+    """Build (or resume, or reuse) a projected-gradient index of the corpus.
+
+    Candidates for ``trace_queries`` with ``Candidates(index=OUT)`` come from it; they
+    are re-scored with the fitted curvature.
+    """
+    options = options or IndexOptions()
+    inputs = load_inputs(load, progress=progress)
+    return build_corpus_index(inputs.model, inputs.layers, inputs.corpus, options.out,
+                              options.config, batch_size=options.batch_size,
+                              fisher=options.fisher, max_sequences=options.max_sequences,
+                              progress=progress)
