@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -197,28 +196,3 @@ def test_user_errors_are_one_line_and_name_the_fix(tmp_path: Path) -> None:
             call()
         message = str(info.value)
         assert "\n" not in message and ";" in message, message
-
-
-def test_only_front_ends_import_the_demo() -> None:
-    """The demo is a front end: engine and ``datasleuth.lm`` modules never import it."""
-    allowed = {SRC / "cli.py"}
-    for path in SRC.rglob("*.py"):
-        if SRC / "demo" in path.parents or path in allowed:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            assert not any(n.startswith("datasleuth.demo") for n in names), path
-
-
-def test_run_demo_finds_the_planted_documents(tmp_path: Path, capsys) -> None:
-    out = dw.run_demo(tmp_path, top_k=10, progress=False, world_config=dw.TINY_CONFIG)
-    printed = capsys.readouterr().out
-    assert out["planted"] == dw.TINY_CONFIG.n_planted
-    assert out["found_influence"] >= out["planted"] - 1
-    assert f"influence (EK-FAC): {out['found_influence']} of {out['planted']}" in printed
-    assert f"BM25 keyword search: {out['found_bm25']} of {out['planted']}" in printed
-    assert Path(out["report"]).is_file()
