@@ -229,14 +229,14 @@ def test_bad_input_is_refused_with_a_fix():
 
 
 def test_randomized_svd_of_a_large_layer_is_near_optimal():
-    from datasleuth.scale.batching import _truncated_svd
+    from datasleuth.scale.svd import truncated_svd
 
     g = torch.Generator().manual_seed(0)
     # Rank-60 matrices rescaled entrywise, like preconditioned query gradients.
     v = torch.randn(3, 400, 60, generator=g, dtype=torch.float64) @ torch.randn(
         3, 60, 300, generator=g, dtype=torch.float64)
     v = v / (torch.rand(400, 300, generator=g, dtype=torch.float64) + 0.2)
-    left, right = _truncated_svd(v, 32)  # min(P, M+1) = 300 > 4 (32 + 16): randomized
+    left, right = truncated_svd(v, 32)  # min(P, M+1) = 300 > 4 (32 + 16): randomized
     assert left.shape == (3, 400, 32) and right.shape == (3, 32, 300)
     sigma = torch.linalg.svdvals(v)
     optimal = sigma[:, 32:].norm(dim=1)
@@ -244,7 +244,7 @@ def test_randomized_svd_of_a_large_layer_is_near_optimal():
     assert bool((residual >= optimal * (1 - 1e-9)).all())
     assert bool((residual <= optimal * 1.001).all()), (residual / optimal).tolist()
     # The same query always compresses to the same factors.
-    again = _truncated_svd(v, 32)
+    again = truncated_svd(v, 32)
     assert torch.equal(again[0], left) and torch.equal(again[1], right)
 
 

@@ -14,7 +14,6 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.scale.bm25 import (
     DEFAULT_B,
     DEFAULT_K1,
-    FILTER_WARNING,
     METADATA_NAME,
     CandidateFilter,
 )
@@ -234,7 +233,3 @@ def test_load_errors_are_one_line(tmp_path: Path) -> None:
 def test_bad_input_raises_user_error(corpus: list, kwargs: dict) -> None:
     with pytest.raises(DatasleuthError):
         CandidateFilter.build(corpus, **kwargs)
-
-
-def test_filter_warning_text() -> None:
-    assert "BM25" in FILTER_WARNING and "may be missed" in FILTER_WARNING

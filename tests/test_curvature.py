@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import lm_batch, loader, tiny_gpt2
-from oracles import loop_gradients
+from oracles import dense_ggn, loop_gradients
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from datasleuth import (
@@ -159,7 +161,8 @@ def test_factors_do_not_depend_on_batch_size_or_order(mlp_data):
             torch.testing.assert_close(other.layers[name].eigenvalues, lc.eigenvalues)
 
 
-def test_sampled_fisher_is_seeded_and_close_to_empirical_scale(mlp_data):
+def test_sampled_fisher_is_seeded_and_its_mean_is_the_gauss_newton_diagonal(mlp_data):
+    """Labels drawn from the model make the Fisher an unbiased estimate of the GGN (§3)."""
     model, x, y = mlp_data
     task = ClassificationTask()
     a = fit_curvature(model, task, loader(x, y), None, FitConfig(seed=3), progress=False)
@@ -167,6 +170,24 @@ def test_sampled_fisher_is_seeded_and_close_to_empirical_scale(mlp_data):
     c = fit_curvature(model, task, loader(x, y), None, FitConfig(seed=4), progress=False)
     torch.testing.assert_close(a.layers["2"].eigenvalues, b.layers["2"].eigenvalues)
     assert not torch.allclose(a.layers["2"].eigenvalues, c.layers["2"].eigenvalues)
+
+    # E_ŷ[(∂ log p(ŷ|x)/∂θ)²] = diag(Jᵀ (diag p − ppᵀ) J): the diagonal GGN, exactly.
+    draws = torch.stack([torch.cat([lc.eigenvalues.reshape(-1) for lc in fit_curvature(
+        model, task, loader(x, y), None, FitConfig(curvature="diagonal", seed=s),
+        progress=False).layers.values()]) for s in range(150)])  # (seeds, D)
+    layers = find_layers(model)
+    exact = torch.cat([torch.diagonal(dense_ggn(
+        model, layer, [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))],
+        lambda m, params, ex: functional_call(m, params, (ex[0],)),
+        lambda out, ex: F.cross_entropy(out, ex[1], reduction="sum"))) for layer in layers])
+    mean, error = draws.mean(0), draws.std(0) / len(draws) ** 0.5
+    assert bool(((mean - exact).abs() <= 4 * error + 1e-12).all())
+    assert float((mean - exact).norm() / exact.norm()) < 0.05
+    empirical = fit_curvature(model, task, loader(x, y), None,
+                              FitConfig(curvature="diagonal", fisher="empirical"),
+                              progress=False)  # the data's labels: a different matrix
+    emp = torch.cat([lc.eigenvalues.reshape(-1) for lc in empirical.layers.values()])
+    assert float((emp - exact).norm() / exact.norm()) > 0.1
 
 
 def test_config_is_validated():

@@ -24,6 +24,7 @@ from datasleuth.scale.index import (
     build_index,
     fit_projected_curvature,
 )
+from datasleuth.scale.index.projection import _gaussian
 from datasleuth.scoring import collect_scores, precondition_queries
 
 MLP = ["*.mlp.*"]
@@ -86,7 +87,11 @@ def test_rows_are_projected_loglik_gradients_and_projections_are_seeded(tmp_path
     assert dims == {"transformer.h.0.mlp.c_fc": (3, 5), "transformer.h.0.mlp.c_proj": (3, 16),
                     "transformer.h.1.mlp.c_fc": (3, 9), "transformer.h.1.mlp.c_proj": (3, 16)}
     p0 = index.projections[0].p_out
-    assert abs(float(p0.pow(2).sum(0).mean()) - 1.0) < 0.5  # entries N(0, 1/k)
+    big = _gaussian(64, 4096, 7)  # entries N(0, 1/k): column norms² have mean 1, sd √(2/k)
+    norms = big.pow(2).sum(0)  # (4096,)
+    assert abs(float(norms.mean()) - 1.0) < 4 * (2 / 64 / 4096) ** 0.5
+    assert abs(float(norms.std()) - (2 / 64) ** 0.5) < 0.02
+    assert abs(float(big.mean())) < 4 / (64 * 4096) ** 0.5 / 8
     again = build_index(model, task, seqs[:2], MLP, tmp_path / "b", cfg, collate_fn=lm_batch,
                         progress=False)
     assert all(torch.equal(a.p_in, b.p_in) and torch.equal(a.p_out, b.p_out)

@@ -449,3 +449,8 @@ def test_workflow_function_writes_the_results_of_the_command(world, tmp_path):
     assert api == cli
     assert api["config"]["first_stage"]["kind"] == "low_rank"
     assert (tmp_path / "api" / "report.html").is_file()
+    from datasleuth.scale.bm25 import FILTER_WARNING
+
+    # The keyword filter's bias is never silent (docs/method.md §5): the results say so.
+    assert any(w.startswith(FILTER_WARNING) and "top 200" in w for w in api["warnings"])
+    assert any("BM25" in w for w in api["warnings"])

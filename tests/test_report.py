@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from datasleuth.errors import DatasleuthError
-from datasleuth.report import _SCRIPT, load_results, render_report, validate_results
+from datasleuth.report import load_results, render_report, validate_results
+from datasleuth.report.render import _SCRIPT
 
 SCRIPT_TAG = "<script>alert(1)</script>"
 IMG_TAG = '"><img src=x onerror=alert(1)>'

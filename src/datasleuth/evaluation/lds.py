@@ -210,6 +210,61 @@ def _save_state(path: Path, state: object, meta: dict[str, str]) -> bool:
     return True
 
 
+class _Cache:
+    """Measurements of retrained models, one safetensors file per (subset, seed)."""
+
+    def __init__(self, root: Path, n_train: int, fraction: float, fingerprint: str,
+                 save_states: bool):
+        self.root, self.n_train, self.fraction = root, n_train, fraction
+        self.fingerprint, self.save_states = fingerprint, save_states
+        self.n_cached = 0
+        self.n_queries: int | None = None
+        self.warned_state = False
+
+    def _meta(self, digest: str, train_seed: int) -> dict[str, str]:
+        return {"format": _FORMAT, "subset_hash": digest, "seed": str(train_seed),
+                "n_train": str(self.n_train), "fraction": repr(self.fraction),
+                "fingerprint": self.fingerprint}
+
+    def measurement(self, j: int, mask: np.ndarray, train_seed: int,
+                    train_fn: Callable[[np.ndarray, int], Any],
+                    measure_fn: Callable[[Any], object]) -> np.ndarray:
+        """The cached measurement of subset ``j`` and ``train_seed``, else train and measure."""
+        digest = subset_hash(mask)
+        meta = self._meta(digest, train_seed)
+        path = self.root / f"lds_{digest[:20]}_seed{train_seed}.safetensors"
+        if path.exists():
+            values = _load_entry(path, meta)
+            self.n_cached += 1
+        else:
+            state = train_fn(np.flatnonzero(mask).astype(np.int64), train_seed)
+            values = _to_vector(measure_fn(state))
+            if values.size == 0 or not np.all(np.isfinite(values)):
+                raise DatasleuthError(
+                    f"measure_fn returned empty or non-finite measurements for subset {j}, "
+                    f"seed {train_seed}; check the training run and the measurement"
+                )
+            if self.save_states:
+                self._save_state(state, digest, train_seed, meta)
+            write_bytes(path, st_save_numpy({"outputs": values.astype(np.float64)}, metadata=meta))
+        if self.n_queries is None:
+            self.n_queries = values.size
+        elif values.size != self.n_queries:
+            raise DatasleuthError(
+                f"subset {j}, seed {train_seed} has {values.size} measurements but earlier "
+                f"runs had {self.n_queries}; measure_fn must return one value per query"
+            )
+        return values
+
+    def _save_state(self, state: object, digest: str, train_seed: int,
+                    meta: dict[str, str]) -> None:
+        state_path = self.root / f"state_{digest[:20]}_seed{train_seed}.safetensors"
+        if not _save_state(state_path, state, meta) and not self.warned_state:
+            warnings.warn("save_states=True but train_fn did not return a dict of tensors; "
+                          "states are not saved", stacklevel=4)
+            self.warned_state = True
+
+
 def run_lds_experiments(
     train_fn: Callable[[np.ndarray, int], Any],
     measure_fn: Callable[[Any], object],
@@ -247,79 +302,23 @@ def run_lds_experiments(
         raise DatasleuthError(
             f"seeds_per_subset must be at least 1, got {seeds_per_subset}; use 1 or more"
         )
-    fingerprint = str(fingerprint)
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    fraction = float(fraction)
-    _check_manifest(
-        root,
-        {
-            "format": _FORMAT,
-            "n_train": int(n_train),
-            "fraction": fraction,
-            "fingerprint": fingerprint,
-        },
-    )
-
+    cache = _Cache(root, int(n_train), float(fraction), str(fingerprint), save_states)
+    _check_manifest(root, {"format": _FORMAT, "n_train": cache.n_train,
+                           "fraction": cache.fraction, "fingerprint": cache.fingerprint})
     results: list[list[np.ndarray]] = [[] for _ in range(n_subsets)]
-    n_queries: int | None = None
-    warned_state = False
-    bar = tqdm(
-        total=n_subsets * seeds_per_subset,
-        desc="LDS retraining",
-        unit="model",
-        disable=not progress or os.environ.get("DATASLEUTH_PROGRESS", "1") == "0",
-        file=sys.stderr,
-        leave=False,
-    )
-    n_cached = 0
+    bar = tqdm(total=n_subsets * seeds_per_subset, desc="LDS retraining", unit="model",
+               disable=not progress or os.environ.get("DATASLEUTH_PROGRESS", "1") == "0",
+               file=sys.stderr, leave=False)
     try:
         for j, mask in enumerate(subsets):
-            digest = subset_hash(mask)
             for s in range(seeds_per_subset):
-                train_seed = j * seeds_per_subset + s
-                meta = {
-                    "format": _FORMAT,
-                    "subset_hash": digest,
-                    "seed": str(train_seed),
-                    "n_train": str(int(n_train)),
-                    "fraction": repr(fraction),
-                    "fingerprint": fingerprint,
-                }
-                path = root / f"lds_{digest[:20]}_seed{train_seed}.safetensors"
-                if path.exists():
-                    values = _load_entry(path, meta)
-                    n_cached += 1
-                else:
-                    state = train_fn(np.flatnonzero(mask).astype(np.int64), train_seed)
-                    values = _to_vector(measure_fn(state))
-                    if values.size == 0 or not np.all(np.isfinite(values)):
-                        raise DatasleuthError(
-                            f"measure_fn returned empty or non-finite measurements for subset {j}, "
-                            f"seed {train_seed}; check the training run and the measurement"
-                        )
-                    if save_states:
-                        state_path = root / f"state_{digest[:20]}_seed{train_seed}.safetensors"
-                        if not _save_state(state_path, state, meta) and not warned_state:
-                            warnings.warn(
-                                "save_states=True but train_fn did not return a dict of tensors; "
-                                "states are not saved",
-                                stacklevel=2,
-                            )
-                            warned_state = True
-                    write_bytes(
-                        path, st_save_numpy({"outputs": values.astype(np.float64)}, metadata=meta)
-                    )
-                if n_queries is None:
-                    n_queries = values.size
-                elif values.size != n_queries:
-                    raise DatasleuthError(
-                        f"subset {j}, seed {train_seed} has {values.size} measurements but earlier "
-                        f"runs had {n_queries}; measure_fn must return one value per query"
-                    )
+                values = cache.measurement(j, mask, j * seeds_per_subset + s, train_fn,
+                                           measure_fn)
                 results[j].append(values)
                 bar.update(1)
-                bar.set_postfix(cached=n_cached, refresh=False)
+                bar.set_postfix(cached=cache.n_cached, refresh=False)
     finally:
         bar.close()
     outputs = np.stack([np.stack(r) for r in results])  # (J, seeds, Q)

@@ -57,6 +57,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.layers import per_example_gradients
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
+from datasleuth.scale.svd import truncated_svd
 from datasleuth.scoring import FullRankScorer, Scores, collect_scores, precondition_queries, scan
 from datasleuth.storage import load_tensors, save_tensors
 from datasleuth.task import Task
@@ -78,8 +79,6 @@ __all__ = [
 DEFAULT_RANK = 32
 FORMAT_NAME = "datasleuth.low_rank_queries"
 FORMAT_VERSION = 1
-_OVERSAMPLE = 16  # extra sketch columns of the randomized SVD
-_POWER_ITERATIONS = 4
 _CHUNK_ELEMENTS = 1 << 24  # bound on (B·T) × (queries in a chunk) × k per scan intermediate
 
 
@@ -105,43 +104,6 @@ def memory_numbers(
         else:
             total += rank * (p + m1)
     return n_queries * total
-
-
-def _truncated_svd(v: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Ṽ ≈ L R, best rank-k in Frobenius norm (Eckart-Young): (Q,P,M+1) -> (Q,P,k), (Q,k,M+1).
-
-    The singular values are folded into the left factor, L = U_k diag(σ_k). Layers much
-    larger than the rank take the randomized path (:func:`_randomized_svd`): a full SVD of
-    every query's P×(M+1) matrix costs O(P M min(P, M)) and dominates compressing
-    hundreds of queries on a GPU, where batched SVD of large matrices is slow.
-    """
-    if min(v.shape[1:]) <= 4 * (rank + _OVERSAMPLE):
-        u, s, vh = torch.linalg.svd(v, full_matrices=False)  # (Q,P,r), (Q,r), (Q,r,M+1)
-    else:
-        u, s, vh = _randomized_svd(v, rank + _OVERSAMPLE)
-    left = u[..., :rank] * s[:, None, :rank]  # (Q, P, k)
-    return left.contiguous(), vh[:, :rank].contiguous()  # (Q, k, M+1)
-
-
-def _randomized_svd(v: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Leading ``width`` singular triplets of each (P, M+1) matrix of v (Q, P, M+1).
-
-    Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) with a
-    fixed seeded sketch, so a query always compresses to the same factors; every step is
-    a batched matrix product or a thin QR, O(P M width) per query. With
-    ``_POWER_ITERATIONS`` = 4 and 16 columns of oversampling, the residual ‖Ṽ − L R‖ is
-    within 0.03% of the optimal (Eckart-Young) one on a flat-spectrum test
-    (tests/test_batching.py holds it within 0.1%), and compressing 3072×769 matrices took
-    a sixth of the time of a full SVD on CPU.
-    """
-    g = torch.Generator().manual_seed(0)
-    omega = torch.randn(v.shape[2], width, generator=g, dtype=torch.float64)
-    basis, _ = torch.linalg.qr(v @ omega.to(v.device, v.dtype))  # (Q, P, w)
-    for _ in range(_POWER_ITERATIONS):
-        z, _ = torch.linalg.qr(v.transpose(1, 2) @ basis)  # (Q, M+1, w)
-        basis, _ = torch.linalg.qr(v @ z)  # (Q, P, w)
-    ub, s, vh = torch.linalg.svd(basis.transpose(1, 2) @ v, full_matrices=False)  # w×(M+1)
-    return basis @ ub, s, vh  # (Q, P, w), (Q, w), (Q, w, M+1)
 
 
 @dataclass
@@ -257,7 +219,7 @@ class LowRankQueries:
             if _is_small(tuple(v.shape[1:]), rank):
                 full[name] = v.detach()
             else:
-                left[name], right[name] = _truncated_svd(v.detach(), rank)
+                left[name], right[name] = truncated_svd(v.detach(), rank)
         meta = dict(metadata or {})
         return cls(left, right, full, rank, list(preconditioned), meta)
 
