@@ -1,4 +1,5 @@
-"""``datasleuth evaluate``: run the evaluation suite on a recipe and print the table.
+"""``datasleuth evaluate``: run the evaluation suite on a recipe and print the table, or
+tail-patch a trace's results on the user's own model (``--tail-patch RESULTS.json``).
 
 User errors are :class:`~datasleuth.errors.DatasleuthError`, which the main CLI prints
 as one line.
@@ -6,7 +7,9 @@ as one line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,11 +22,12 @@ __all__ = ["evaluate"]
 @click.command("evaluate")
 @config_option
 @click.option("--recipe", default="digits", show_default=True,
-              help="Built-in recipe (digits, digits-mislabeled, tiny-lm) or a .py file "
-                   "defining `recipe = Recipe(...)` (the file is executed).")
+              help="Built-in recipe (digits, digits-mislabeled, tiny-lm, fact-tracing) or a "
+                   ".py file defining `recipe = Recipe(...)` (the file is executed).")
 @click.option("--estimators", default=None,
               help="Comma list of estimators (default: all: identity, diagonal, kfac, ekfac, "
-                   "exact_ggn, exact_ggn_layers, cg, lissa).")
+                   "exact_ggn, exact_ggn_layers, cg, lissa) and baselines (cosine, repsim, "
+                   "bm25).")
 @click.option("--subsets", default=32, show_default=True, type=click.IntRange(0),
               help="Random 50% subsets retrained for the LDS (0 = no LDS).")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
@@ -40,32 +44,119 @@ __all__ = ["evaluate"]
               type=click.Path(file_okay=False), help="Folder for results.json.")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="torch CPU threads (1 is fastest for the built-in tiny models).")
+@click.option("--tail-patch", "tail_patch", multiple=True, type=click.Path(dir_okay=False),
+              help="Tail-patch the results.json of a trace (repeatable: traces of the same "
+                   "queries) on its model and corpus, beside random, BM25 and repsim "
+                   "sequences; writes OUT/tail_patch.json, OUT/results.json, report.html.")
+@click.option("--model", "model_path", default=None, type=click.Path(),
+              help="With --tail-patch: the model folder (default: the one the trace names).")
+@click.option("--corpus", "corpus_path", multiple=True, type=click.Path(),
+              help="With --tail-patch: the corpus (default: the one the trace names).")
+@click.option("--workdir", default="datasleuth-work", show_default=True,
+              type=click.Path(file_okay=False), help="With --tail-patch: the trace's workdir.")
+@click.option("--seq-len", default=None, type=click.IntRange(2),
+              help="With --tail-patch: tokens per packed sequence (default: the trace's).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--tail-k", default=None, type=click.IntRange(1),
+              help="Sequences patched per method and query (default 10 with --tail-patch; "
+                   "with --recipe, giving it adds tail-patch to the suite).")
+@click.option("--tail-steps", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--tail-optimizer", default="adam", show_default=True,
+              type=click.Choice(["adam", "sgd"]),
+              help="adam continues from second moments estimated on training batches; an sgd "
+                   "step favours the dot product by construction (docs/method.md §10).")
+@click.option("--tail-lr", default=1e-4, show_default=True, type=float)
+@click.option("--tail-warmup", default=16, show_default=True, type=click.IntRange(0),
+              help="Random batches of k training sequences Adam's second moments are "
+                   "estimated on (0: a fresh Adam, whose first step is lr x sign(gradient)).")
+@click.option("--tail-draws", default=5, show_default=True, type=click.IntRange(0),
+              help="Random k-subsets per query.")
+@click.option("--tail-seed", default=0, show_default=True, type=int)
+@click.option("--tail-methods", default="bm25,repsim", show_default=True,
+              help="Rankings computed beside the traces' (comma list of bm25, repsim).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="With --tail-patch: sequences per forward/backward pass.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show progress messages and the retraining bar.")
-def evaluate(recipe: str, estimators: str | None, subsets: int, seeds: int,
-             damping: float | None, pbrf_examples: int, cache_dir: str, out_dir: str,
-             threads: int | None, progress: bool) -> None:
-    """Score influence estimators by LDS, agreement with exact influence and detection."""
-    from datasleuth.evaluation import suite
-
-    names = suite.parse_estimators(estimators) if estimators else list(suite.DEFAULT_ESTIMATORS)
-    if subsets == 1:
-        raise DatasleuthError("--subsets 1 gives no rank correlation; use 0 (no LDS) or >= 2")
-    if threads is not None:
+def evaluate(**options: Any) -> None:
+    """Score influence estimators and baselines by LDS, agreement with exact influence,
+    detection and fact tracing; or tail-patch a trace's results (--tail-patch)."""
+    if options["threads"] is not None:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(options["threads"])
+    if options["tail_patch"]:
+        _tail_patch_traces(options)
+    else:
+        _suite(options)
+
+
+def _tail_config(options: Mapping[str, Any], default_k: int | None) -> Any:
+    from datasleuth.evaluation.tail_patch import TailPatchConfig
+
+    k = options["tail_k"] if options["tail_k"] is not None else default_k
+    if k is None:
+        return None
+    return TailPatchConfig(k=k, steps=options["tail_steps"], optimizer=options["tail_optimizer"],
+                           lr=options["tail_lr"], warmup=options["tail_warmup"],
+                           draws=options["tail_draws"],
+                           seed=options["tail_seed"], batch_size=options["batch_size"])
+
+
+def _suite(options: Mapping[str, Any]) -> None:
+    """The evaluation suite on a recipe, printed as tables."""
+    from datasleuth.evaluation import suite
+    from datasleuth.evaluation.retrieval import retrieval_table, tail_patch_group_table
+
+    names = (suite.parse_estimators(options["estimators"]) if options["estimators"]
+             else list(suite.DEFAULT_ESTIMATORS))
+    if options["subsets"] == 1:
+        raise DatasleuthError("--subsets 1 gives no rank correlation; use 0 (no LDS) or >= 2")
+    progress, out_dir = options["progress"], options["out_dir"]
     log = (lambda message: click.echo(message, err=True)) if progress else None
-    doc = suite.evaluate(recipe, names, n_subsets=subsets, seeds_per_subset=seeds,
-                         cache_dir=cache_dir, damping=damping, pbrf_examples=pbrf_examples,
-                         out=out_dir, progress=progress, log=log)
+    doc = suite.evaluate(options["recipe"], names, n_subsets=options["subsets"],
+                         seeds_per_subset=options["seeds"], cache_dir=options["cache_dir"],
+                         damping=options["damping"], pbrf_examples=options["pbrf_examples"],
+                         tail_patch=_tail_config(options, None), out=out_dir,
+                         progress=progress, log=log)
     info = doc["recipe"]
     click.echo(f"recipe {info['name']}: {info['description']}")
-    click.echo("")
-    click.echo(suite.markdown_table(doc))
-    table = suite.detection_table(doc)
-    if table:
+    tables = [suite.markdown_table(doc), suite.detection_table(doc)]
+    if doc.get("retrieval"):
+        tables.append(retrieval_table(doc["retrieval"], ks=[max(doc["retrieval"]["ks"])]))
+    if doc.get("tail_patch"):
+        tables.append(tail_patch_group_table(doc["tail_patch"]))
+    for table in filter(None, tables):
         click.echo("")
         click.echo(table)
     click.echo("")
     click.echo(f"results: {Path(out_dir) / 'results.json'}")
+
+
+def _tail_patch_traces(options: Mapping[str, Any]) -> None:
+    """Tail-patch trace results on the model and corpus they name (or the options give)."""
+    from datasleuth.evaluation.tail_patch import tail_patch_table
+    from datasleuth.lm.workflow import LoadOptions, TailPatchOptions, tail_patch_results
+    from datasleuth.report import load_results
+
+    first = load_results(options["tail_patch"][0])
+    seq_len = options["seq_len"] or (first.get("config") or {}).get("seq_len")
+    load = LoadOptions(model=options["model_path"] or first["model"],
+                       corpus=options["corpus_path"] or first["corpus"],
+                       workdir=options["workdir"], device=options["device"],
+                       dtype=options["dtype"], trust_remote_code=options["trust_remote_code"],
+                       seq_len=seq_len, text_field=options["text_field"])
+    methods = tuple(m.strip() for m in options["tail_methods"].split(",") if m.strip())
+    settings = TailPatchOptions(options["tail_patch"], out=options["out_dir"],
+                                config=_tail_config(options, 10), methods=methods,
+                                batch_size=options["batch_size"])
+    doc = tail_patch_results(load, settings, progress=options["progress"])
+    click.echo(f"tail-patch: rise of {doc['measurement']} over {len(doc['queries'])} queries")
+    click.echo(tail_patch_table(doc))
+    out = Path(options["out_dir"])
+    click.echo(f"\nresults: {out / 'tail_patch.json'}, {out / 'results.json'}, "
+               f"{out / 'report.html'}")

@@ -67,7 +67,7 @@ def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
                          batch_size=values["batch_size"], power_law=values["power_law"])
     return TraceOptions(values["queries_path"], out=values["out_dir"], config=config,
                         candidates=candidates, all_scores=values["all_scores"],
-                        report=not values["no_report"])
+                        report=not values["no_report"], method=values["method"])
 
 
 @click.command("trace")
@@ -81,6 +81,10 @@ def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
               type=click.Path(file_okay=False), help="Folder for results.json and report.html.")
 @click.option("--top-k", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--bottom-k", default=10, show_default=True, type=click.IntRange(0))
+@click.option("--method", default=None,
+              help="ekfac | kfac | diagonal | dot (influence, factors fitted and reused) or "
+                   "cosine | repsim | bm25 (baselines); one per run, default: --curvature. "
+                   "Compare methods with `datasleuth evaluate --tail-patch`.")
 @click.option("--filter", "filter_kind", type=click.Choice(["none", "bm25"]), default="none",
               show_default=True, help="Pre-select candidates by BM25 token overlap (biased).")
 @click.option("--candidates", default=10_000, show_default=True, type=click.IntRange(1),

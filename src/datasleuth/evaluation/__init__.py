@@ -1,4 +1,5 @@
-"""Evaluation of influence estimates (METHOD.md §8): correlations, LDS, detection, sparsity."""
+"""Evaluation of influence estimates (METHOD.md §8, §10): correlations, LDS, detection,
+sparsity, retrieval of known teaching examples and tail-patch."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ from datasleuth.evaluation.metrics import (
     detection_curve,
     pearson,
     recall_at_k,
+    relevant_ranks,
+    retrieval_scores,
     spearman,
     top_k_overlap,
 )
 from datasleuth.evaluation.sparsity import PowerLawFit, fit_power_law, sparsity_report, top_share
+from datasleuth.evaluation.tail_patch import TailPatchConfig, tail_patch
 
 __all__ = [
     "PBRF",
     "LDSResult",
     "PowerLawFit",
+    "TailPatchConfig",
     "compare_detectors",
     "correlations",
     "detection_auc",
@@ -31,10 +36,13 @@ __all__ = [
     "pbrf_scores",
     "pearson",
     "recall_at_k",
+    "relevant_ranks",
+    "retrieval_scores",
     "run_lds_experiments",
     "sparsity_report",
     "spearman",
     "subset_hash",
+    "tail_patch",
     "top_k_overlap",
     "top_share",
 ]

@@ -4,6 +4,8 @@
   the PBRF or leave-one-out retraining, METHOD.md §8, Bae et al. 2022): Pearson and
   Spearman, safe on constant or non-finite input (they return ``nan`` silently).
 * Top-k agreement: overlap of two top-k sets, recall of an exact top-k list.
+* Retrieval of known relevant examples (fact tracing, METHOD.md §10): recall@k and the
+  mean reciprocal rank of the training examples known to teach each query.
 * Mislabel / corruption detection (Koh & Liang 2017, §5.4): rank training examples by
   a score (self-influence, or a baseline such as the training loss), inspect the top
   x% and count how many corrupted examples were found; plus the ROC AUC.
@@ -28,6 +30,8 @@ __all__ = [
     "correlations",
     "top_k_overlap",
     "recall_at_k",
+    "relevant_ranks",
+    "retrieval_scores",
     "detection_curve",
     "detection_auc",
     "compare_detectors",
@@ -192,6 +196,50 @@ def recall_at_k(
         )
     recalls = [np.isin(e[:k], a[:m]).mean() for a, e in zip(ap, ex, strict=True)]
     return float(np.mean(recalls))
+
+
+def relevant_ranks(scores: object, relevant: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Per query, the 1-based ranks of its relevant examples (sorted) when examples are
+    ordered by descending score, ties broken by the lower index.
+
+    ``scores`` is (Q, N) (or (N,) for one query); ``relevant[q]`` lists example indices.
+    """
+    rows = _rows(scores, "scores")
+    if len(relevant) != rows.shape[0]:
+        raise DatasleuthError(
+            f"relevant has {len(relevant)} entries for {rows.shape[0]} queries; give one list "
+            "of relevant examples per query"
+        )
+    out = []
+    for row, rel in zip(rows, relevant, strict=True):
+        idx = np.asarray(list(rel), dtype=np.int64)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= row.size:
+            raise DatasleuthError(
+                f"every query needs relevant examples among 0..{row.size - 1}, got "
+                f"{idx.tolist()}; check the indices"
+            )
+        position = np.empty(row.size, dtype=np.int64)
+        position[np.argsort(-row, kind="stable")] = np.arange(1, row.size + 1)
+        out.append(np.sort(position[np.unique(idx)]))
+    return out
+
+
+def retrieval_scores(
+    scores: object, relevant: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, object]:
+    """Recall@k and reciprocal rank of the relevant examples of each query (METHOD.md §10).
+
+    recall@k = |top-k ∩ relevant| / |relevant|; reciprocal rank = 1 / rank of the best
+    ranked relevant example (its mean over queries is the MRR). Ties are broken by the
+    lower index. Returns ``{"recall": {k: [Q]}, "reciprocal_rank": [Q], "mean_recall":
+    {k: float}, "mrr": float, "ranks": [[int]]}``.
+    """
+    ranks = relevant_ranks(scores, relevant)
+    recall = {int(k): [float((r <= k).sum() / r.size) for r in ranks] for k in ks}
+    rr = [float(1.0 / r[0]) for r in ranks]
+    return {"recall": recall, "reciprocal_rank": rr,
+            "mean_recall": {k: float(np.mean(v)) for k, v in recall.items()},
+            "mrr": float(np.mean(rr)), "ranks": [r.tolist() for r in ranks]}
 
 
 def _detection_inputs(score: object, is_corrupt: object) -> tuple[np.ndarray, np.ndarray]:

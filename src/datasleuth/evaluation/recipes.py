@@ -21,6 +21,10 @@ Built-in recipes (offline, CPU, seconds per retraining):
 ``digits-mislabeled``
     the same with 10% of the training labels flipped to another class (``is_corrupt``
     marks them): self-influence should rank them first (Koh & Liang 2017, §5.4).
+``fact-tracing``
+    a 2-block GPT-2 on synthetic facts with paraphrased teaching documents and keyword
+    decoys; queries in training wording and reworded; ``Problem.relevant`` marks each
+    query's teaching documents (:mod:`datasleuth.evaluation.fact_tracing`).
 ``tiny-lm``
     a one-block GPT-2 (transformers ``GPT2LMHeadModel``, d=24, float64) trained with
     full-batch Adam on 128 procedurally generated sequences of word tokens ("alice in
@@ -70,6 +74,7 @@ __all__ = [
     "digits_recipe",
     "tiny_lm_recipe",
     "measure_state",
+    "train_full_batch",
 ]
 
 StateDict = dict[str, Tensor]
@@ -86,7 +91,9 @@ class Problem:
     of corrupted training examples, or None. ``damping``: an absolute damping the recipe
     recommends for every estimator (None = each estimator's default, see
     :func:`datasleuth.evaluation.suite.evaluate`). ``estimator_options``: keyword
-    arguments per estimator name (e.g. LiSSA's ``depth``).
+    arguments per estimator name (e.g. LiSSA's ``depth``). ``relevant``: per query, the
+    training examples known to teach it (fact tracing: the suite then reports recall@k
+    and MRR of them), with ``query_groups`` naming each query's group (e.g. its wording).
     """
 
     model: nn.Module
@@ -100,6 +107,8 @@ class Problem:
     damping: float | None = None
     estimator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     query_collate: Callable[[list[Any]], Any] | None = None
+    relevant: Sequence[Sequence[int]] | None = None
+    query_groups: Sequence[str] | None = None
 
     def loader(self, which: str = "train") -> DataLoader:
         """In-order DataLoader over the ``"train"`` or ``"queries"`` dataset."""
@@ -355,19 +364,8 @@ class _TinyLM:
     def train(self, indices: np.ndarray, seed: int) -> StateDict:
         """Full-batch Adam with cosine decay on ``indices``, from a ``seed``-determined init."""
         torch.manual_seed(int(seed))
-        model = self.make_model()
-        model.train()
         batch = self.collate([self.train_data[int(i)] for i in indices])
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / self.steps)))
-        for _ in range(self.steps):
-            loss = self.task.loss(model, batch).sum() / len(indices)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return train_full_batch(self.make_model(), self.task, batch, self.steps, self.lr)
 
     def build(self) -> Problem:
         model = self.make_model()
@@ -384,6 +382,24 @@ class _TinyLM:
         queries = DataLoader(self.query_data, batch_size=len(self.query_data),
                              collate_fn=self.query_collate)
         return measure_state(self.make_model, self.task, queries, state)
+
+
+def train_full_batch(model: nn.Module, task: Task, batch: Any, steps: int, lr: float
+                     ) -> StateDict:
+    """``steps`` of full-batch Adam (cosine-decayed ``lr``) on the mean of ``task``'s
+    per-example losses over ``batch``; the trained state."""
+    model.train()
+    n = task.batch_size(batch)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / steps)))
+    for _ in range(steps):
+        loss = task.loss(model, batch).sum() / n
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _word(vocab: dict[str, int], ids: Sequence[int]) -> list[str]:
@@ -407,7 +423,14 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
     "digits": lambda: digits_recipe(False),
     "digits-mislabeled": lambda: digits_recipe(True),
     "tiny-lm": tiny_lm_recipe,
+    "fact-tracing": lambda: _fact_tracing(),
 }
+
+
+def _fact_tracing() -> Recipe:
+    from datasleuth.evaluation.fact_tracing import fact_tracing_recipe
+
+    return fact_tracing_recipe()
 
 
 def load_recipe(spec: str | Recipe) -> Recipe:

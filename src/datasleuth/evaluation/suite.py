@@ -12,7 +12,11 @@ against every training example, and reports per estimator
   (``pbrf_examples > 0``; Bae et al. 2022);
 * for recipes with corrupted labels, mislabel detection by self-influence against the
   training-loss baseline (Koh & Liang 2017, §5.4);
-* the sparsity of the EK-FAC scores (power-law tail, top-1% share).
+* the sparsity of the EK-FAC scores (power-law tail, top-1% share);
+* recall@k / MRR of known teaching examples and tail-patch (METHOD.md §10, retrieval.py).
+
+Baselines (``cosine``, ``repsim``, ``bm25``; methods.py) give scores without a
+preconditioner and take part in every section that needs only scores.
 
 Each estimator is one entry of :data:`ESTIMATORS`: a name and a function that builds a
 :class:`~datasleuth.scoring.Preconditioner`. Damping: ``damping=None`` keeps each
@@ -28,7 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +42,12 @@ import torch
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.evaluation.lds import lds, run_lds_experiments
+from datasleuth.evaluation.methods import BASELINES
 from datasleuth.evaluation.metrics import compare_detectors, correlations
 from datasleuth.evaluation.recipes import Problem, Recipe, load_recipe
+from datasleuth.evaluation.retrieval import retrieval_section, tail_patch_section
 from datasleuth.evaluation.sparsity import sparsity_report
+from datasleuth.evaluation.tail_patch import TailPatchConfig
 from datasleuth.fitting import FitConfig, fit_curvature, resolve_layers
 from datasleuth.layers import TrackedLayer
 from datasleuth.scoring import Preconditioner, pairwise_scores, self_influence
@@ -151,14 +158,14 @@ DEFAULT_ESTIMATORS: tuple[str, ...] = tuple(ESTIMATORS)
 
 
 def parse_estimators(names: str | Iterable[str]) -> list[str]:
-    """Validate estimator names (a list or a comma-separated string), keeping their order."""
+    """Validate estimator/baseline names (a list or a comma string), keeping their order."""
     items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     items = [n for n in items if n]
-    unknown = [n for n in items if n not in ESTIMATORS]
+    unknown = [n for n in items if n not in ESTIMATORS and n not in BASELINES]
     if unknown or not items:
         raise DatasleuthError(
             f"unknown estimator(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose "
-            f"from {', '.join(ESTIMATORS)}"
+            f"from {', '.join([*ESTIMATORS, *BASELINES])}"
         )
     return list(dict.fromkeys(items))
 
@@ -245,6 +252,7 @@ def evaluate(
     detection: bool = True,
     seed: int = 0,
     keep_scores: bool = False,
+    tail_patch: TailPatchConfig | None = None,
     out: str | Path | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
@@ -257,6 +265,7 @@ def evaluate(
     ``pbrf_examples`` training examples get PBRF ground truth (0 = none). ``detection``
     runs self-influence mislabel detection when the recipe marks corrupted examples.
     ``keep_scores`` adds every estimator's (Q, N) scores under ``"scores"`` (large).
+    ``tail_patch`` tail-patches every method's top-k per query (METHOD.md §10).
     Returns a JSON-serialisable dict; with ``out`` it is also written atomically to
     ``out/results.json``.
     """
@@ -279,6 +288,7 @@ def evaluate(
     _vs_exact(run)
     pbrf = _pbrf_section(run, ctx, pbrf_examples, seed, pbrf_method, say)
     detect = _detection_section(run, problem, say) if detection else None
+    patch = tail_patch_section(problem, run.scores, tail_patch) if tail_patch else None
     doc = _clean({
         "format": FORMAT,
         "recipe": {"name": recipe.name, "description": recipe.description,
@@ -286,12 +296,15 @@ def evaluate(
                    "n_queries": n_queries, "layers": [la.name for la in ctx.layers]},
         "config": {"estimators": names, "n_subsets": n_subsets,
                    "seeds_per_subset": seeds_per_subset, "fraction": fraction,
-                   "damping": damping, "pbrf_examples": pbrf_examples, "seed": seed},
+                   "damping": damping, "pbrf_examples": pbrf_examples, "seed": seed,
+                   "tail_patch": asdict(tail_patch) if tail_patch else None},
         "estimators": run.results,
         "retraining": retraining,
         "pbrf": pbrf,
         "detection": detect,
         "sparsity": _sparsity_section(run.scores),
+        "retrieval": retrieval_section(problem, run.scores),
+        "tail_patch": patch,
         **({"scores": run.scores} if keep_scores else {}),
     })
     if out is not None:
@@ -325,6 +338,9 @@ def _fit_and_score(ctx: _Context, names: list[str], say: Callable[[str], None]) 
         say(f"estimator {name}: fitting and scoring")
         options = dict(problem.estimator_options.get(name, {}))
         start = time.perf_counter()
+        if name in BASELINES:
+            run.scores[name], run.results[name] = BASELINES[name].run(problem, ctx.layers)
+            continue
         precond = ESTIMATORS[name].make(ctx, options)
         fitted = time.perf_counter()
         total = pairwise_scores(problem.model, problem.task, precond, problem.loader("queries"),
@@ -425,7 +441,7 @@ def _detection_section(run: _Run, problem: Problem, say: Callable[[str], None]
         return None
     say("mislabel detection: self-influence of every training example")
     suspicion = {}
-    for name in run.names:
+    for name in run.preconditioners:  # baselines have no self-influence
         start = time.perf_counter()
         suspicion[name] = self_influence(problem.model, problem.task, run.preconditioners[name],
                                          problem.loader("train"), progress=False

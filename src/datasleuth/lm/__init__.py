@@ -12,10 +12,13 @@ The steps they are made of take loaded objects (:mod:`datasleuth.lm.pipeline`):
 :func:`load_model`, :func:`default_layers`, :func:`prepare_corpus`,
 :func:`fit_factors`, :func:`run_trace`, :func:`run_self_influence`,
 :func:`build_corpus_index`. :class:`CausalLMTask` is the engine's task for causal LMs.
+``trace`` methods (influence or a baseline) are in :data:`TRACE_METHODS`;
+:func:`tail_patch_results` checks a trace on the model by tail-patching.
 """
 
 from datasleuth.fitting import FitConfig
 from datasleuth.lm.corpus import PackedCorpus, Segment, pack_corpus
+from datasleuth.lm.methods import TRACE_METHODS, TraceMethod, register_method
 from datasleuth.lm.model import context_length, default_layers, load_model
 from datasleuth.lm.pipeline import (
     bm25_candidates,
@@ -38,11 +41,13 @@ from datasleuth.lm.workflow import (
     Inputs,
     LoadOptions,
     SelfInfluenceOptions,
+    TailPatchOptions,
     TraceOptions,
     fit,
     index_corpus,
     load_inputs,
     rank_self_influence,
+    tail_patch_results,
     trace_queries,
 )
 from datasleuth.scale.index import GradientIndex, IndexConfig
@@ -62,7 +67,10 @@ __all__ = [
     "Query",
     "Segment",
     "SelfInfluenceOptions",
+    "TRACE_METHODS",
+    "TailPatchOptions",
     "TraceConfig",
+    "TraceMethod",
     "TraceOptions",
     "bm25_candidates",
     "build_corpus_index",
@@ -80,7 +88,9 @@ __all__ = [
     "prepare_corpus",
     "query_batches",
     "rank_self_influence",
+    "register_method",
     "run_self_influence",
     "run_trace",
+    "tail_patch_results",
     "trace_queries",
 ]

@@ -50,6 +50,7 @@ from datasleuth.scoring import Scores
 from datasleuth.storage import atomic_path, load_curvature, read_json, write_json
 
 if TYPE_CHECKING:
+    from datasleuth.scale.bm25 import CandidateFilter
     from datasleuth.scale.index import GradientIndex, IndexConfig
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "fit_factors",
     "query_batches",
     "bm25_candidates",
+    "bm25_index",
     "build_corpus_index",
     "check_context",
     "check_trace_options",
@@ -173,14 +175,9 @@ def query_batches(
     return encoded, batches
 
 
-def bm25_candidates(
-    corpus: PackedCorpus,
-    encoded: list[dict[str, Any]],
-    workdir: str | Path,
-    k: int,
-    ignore_ids: Sequence[int] = (),
-) -> list[np.ndarray]:
-    """Per query, the top-k sequences by the BM25 variant of METHOD.md §5 (index reused)."""
+def bm25_index(corpus: PackedCorpus, workdir: str | Path, ignore_ids: Sequence[int] = ()
+               ) -> CandidateFilter:
+    """The BM25 index of the corpus (METHOD.md §5), kept in ``workdir/bm25`` and reused."""
     from datasleuth.scale.bm25 import CandidateFilter
 
     directory = Path(workdir) / "bm25"
@@ -193,6 +190,18 @@ def bm25_candidates(
                                      corpus_fingerprint=corpus.fingerprint)
         filt.save(directory)
         say(f"built BM25 index over {len(corpus)} sequences -> {directory}")
+    return filt
+
+
+def bm25_candidates(
+    corpus: PackedCorpus,
+    encoded: list[dict[str, Any]],
+    workdir: str | Path,
+    k: int,
+    ignore_ids: Sequence[int] = (),
+) -> list[np.ndarray]:
+    """Per query, the top-k sequences by the BM25 variant of METHOD.md §5 (index reused)."""
+    filt = bm25_index(corpus, workdir, ignore_ids)
     return [filt.top_k(e["input_ids"].tolist(), k=k)[0] for e in encoded]
 
 
@@ -410,7 +419,8 @@ def run_trace(
     results["warnings"] = warnings + ([first.warning] if first else [])
     results["config"].update(curvature=curvature.metadata.get("config"),
                              candidates_k=candidates_k, layers=curvature.layer_names,
-                             first_stage=first.stage if first else {"kind": "full"})
+                             first_stage=first.stage if first else {"kind": "full"},
+                             corpus_fingerprint=corpus.fingerprint, seq_len=corpus.seq_len)
     if world()[0] == 0:
         write_json(out / "results.json", results)
     barrier()

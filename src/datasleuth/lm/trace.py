@@ -395,7 +395,7 @@ def _documents(corpus: PackedCorpus, i: int) -> list[dict[str, int]]:
 
 
 def _sequence_row(corpus: PackedCorpus, heat: Tensor, rank: int, i: int, score: float,
-                  layers: list[float]) -> dict[str, Any]:
+                  layers: list[float], note: str = TOKEN_OFFSET_NOTE) -> dict[str, Any]:
     """One selected sequence of one query in the results document; ``heat`` is (T,)."""
     pieces = corpus.token_pieces(i)
     a = heat[: len(pieces)].double()
@@ -405,7 +405,7 @@ def _sequence_row(corpus: PackedCorpus, heat: Tensor, rank: int, i: int, score: 
         "rank": rank, "index": int(i), "score": float(score),
         "layer_scores": [float(x) for x in layers], "documents": _documents(corpus, i),
         "tokens": [p for p, _, _ in pieces], "token_scores": a.tolist(),
-        "spurious": ratio > SPURIOUS_RATIO, "token_offset_note": TOKEN_OFFSET_NOTE,
+        "spurious": ratio > SPURIOUS_RATIO, "token_offset_note": note,
     }
 
 
@@ -418,13 +418,21 @@ def trace_details(
     config: TraceConfig,
     header: dict[str, Any],
     rescored: bool = False,
+    heat: Callable[[list[int]], dict[int, Tensor]] | None = None,
+    note: str = TOKEN_OFFSET_NOTE,
 ) -> dict[str, Any]:
-    """Token-wise scores for the selected sequences and the results document (report schema)."""
+    """Token-wise scores for the selected sequences and the results document (report schema).
+
+    A baseline method gives its own token scores ``heat(indices) -> {index: (Q, T)}`` and
+    their ``note``; ``preconditioned`` then only names the layers of the scan's payload
+    (none: no per-layer scores).
+    """
     layer_names = list(preconditioned)
     chosen = [scan.top.results(q) + scan.bottom.results(q)[: config.bottom_k]
               for q in range(len(queries))]
     needed = sorted({i for rows in chosen for i, _, _ in rows})
-    tokens = _token_heat(model, preconditioned, corpus, needed, config.batch_size)
+    tokens = (heat(needed) if heat is not None
+              else _token_heat(model, preconditioned, corpus, needed, config.batch_size))
     out_queries = []
     for q, query in enumerate(queries):
         top_rows = scan.top.results(q)
@@ -438,9 +446,10 @@ def trace_details(
             "sparsity": _sparsity(scan.samples[q], config.power_law),
             "n_scanned": int(scan.scanned[q]),
             "layer_names": layer_names,
-            "top": [_sequence_row(corpus, tokens[i][q], r + 1, i, s, ly)
-                    for r, (i, s, ly) in enumerate(top_rows)],
-            "bottom": [_sequence_row(corpus, tokens[i][q], r + 1, i, s, ly)
+            "top": [_sequence_row(corpus, tokens[i][q], r + 1, i, s, ly if layer_names else [],
+                                  note) for r, (i, s, ly) in enumerate(top_rows)],
+            "bottom": [_sequence_row(corpus, tokens[i][q], r + 1, i, s,
+                                     ly if layer_names else [], note)
                        for r, (i, s, ly) in enumerate(bottom_rows)],
         })
     doc = {

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -31,6 +31,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus
+from datasleuth.lm.methods import TraceMethod, run_baseline_trace, trace_method
 from datasleuth.lm.model import context_length, default_layers, load_model
 from datasleuth.lm.pipeline import (
     DEFAULT_RESCORE,
@@ -47,6 +48,9 @@ from datasleuth.lm.queries import encode_queries, load_queries
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.scale.index import GradientIndex, IndexConfig
 
+if TYPE_CHECKING:
+    from datasleuth.evaluation.tail_patch import TailPatchConfig
+
 __all__ = [
     "DEFAULT_SEQ_LEN",
     "LoadOptions",
@@ -56,11 +60,13 @@ __all__ = [
     "SelfInfluenceOptions",
     "IndexOptions",
     "Inputs",
+    "TailPatchOptions",
     "load_inputs",
     "fit",
     "trace_queries",
     "rank_self_influence",
     "index_corpus",
+    "tail_patch_results",
 ]
 
 DEFAULT_SEQ_LEN = 512
@@ -161,6 +167,10 @@ class TraceOptions:
 
     ``out`` receives ``results.json`` and, with ``report``, ``report.html``;
     ``all_scores`` also streams every score to ``out/scores/`` (Parquet parts).
+    ``method`` (:data:`~datasleuth.lm.methods.TRACE_METHODS`: ekfac, kfac, diagonal, dot,
+    cosine, repsim, bm25) is one method per run; ``None`` follows the fitted curvature.
+    To compare methods, trace each into its own ``out`` (the packed corpus and factors
+    in the work directory are reused) and tail-patch the results together.
     """
 
     queries: str | os.PathLike[str]
@@ -169,12 +179,17 @@ class TraceOptions:
     candidates: Candidates = field(default_factory=Candidates)
     all_scores: bool = False
     report: bool = True
+    method: str | None = None
 
     def __post_init__(self) -> None:
         _set(self, "queries", os.fspath(self.queries))
         _set(self, "out", os.fspath(self.out))
         if self.all_scores and self.candidates.index is not None:
             raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
+        if self.method is not None and not trace_method(self.method).influence and (
+                self.candidates.rank is not None or self.candidates.index is not None):
+            raise DatasleuthError(f"--rank and --index find candidates for influence methods; "
+                                  f"drop them for --method {self.method}")
 
     @property
     def results_path(self) -> Path:
@@ -221,6 +236,40 @@ class IndexOptions:
         if self.fisher not in FISHERS:
             raise DatasleuthError(f"fisher must be one of {', '.join(FISHERS)}, got "
                                   f"{self.fisher!r}")
+
+
+@dataclass(frozen=True)
+class TailPatchOptions:
+    """Which traces to tail-patch and how (docs/method.md §10).
+
+    ``results``: one or more ``results.json`` of traces of the same queries (e.g. one per
+    ``--method``); ``methods``: rankings computed here beside them (``bm25``,
+    ``repsim``). ``config`` (a :class:`~datasleuth.evaluation.tail_patch.TailPatchConfig`;
+    ``None``: its defaults) sets k, steps, optimizer, learning rate and random draws.
+    ``out`` receives ``tail_patch.json``, ``results.json`` (the first trace's results with
+    each query's tail-patch rows) and, with ``report``, ``report.html``.
+    """
+
+    results: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+    out: str | os.PathLike[str] = "datasleuth-eval"
+    config: TailPatchConfig | None = None
+    methods: Sequence[str] = ("bm25", "repsim")
+    batch_size: int = 8
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        paths = ((self.results,) if isinstance(self.results, (str, os.PathLike))
+                 else tuple(self.results))
+        _set(self, "results", tuple(os.fspath(p) for p in paths))
+        _set(self, "out", os.fspath(self.out))
+        _set(self, "methods", tuple(self.methods))
+        if not self.results:
+            raise DatasleuthError("no results to tail-patch; pass a trace's results.json")
+        bad = [m for m in self.methods if m not in ("bm25", "repsim")]
+        if bad:
+            raise DatasleuthError(f"tail-patch computes bm25 and repsim rankings itself, not "
+                                  f"{bad[0]!r}; trace that method and pass its results.json")
+        _positive(self.batch_size, "batch_size")
 
 
 @dataclass
@@ -275,24 +324,52 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
     ``options.report`` is off, ``OUT/report.html``; returns the results document.
     """
     queries = load_queries(options.queries)  # fail fast on bad queries, before heavy work
+    fitting = fitting or FitOptions()
+    method = _trace_method(options, fitting)
     inputs = load_inputs(load, progress=progress)
     encode_queries(queries, inputs.tokenizer, max_length=context_length(inputs.model))
     stage = options.candidates
     if stage.index is not None:
         open_corpus_index(stage.index, inputs.model, inputs.corpus)  # a mismatch: refuse now
-    curvature = _fit(inputs, load.workdir, fitting or FitOptions(), progress)
-    results = run_trace(inputs.model, inputs.tokenizer, inputs.corpus, curvature,
-                        options.queries, options.out, options.config,
-                        model_name=str(load.model), corpus_name=", ".join(load.corpus),
-                        candidates_k=stage.bm25, workdir=load.workdir,
-                        all_scores=options.all_scores, rank=stage.rank, index=stage.index,
-                        rescore=stage.rescore, approximate=stage.approximate,
-                        progress=progress)
+    if method.influence:
+        fitting = replace(fitting, config=replace(fitting.config, curvature=method.curvature))
+        curvature = _fit(inputs, load.workdir, fitting, progress)
+        if method.precondition is not None:  # e.g. a refined solver started from the fit
+            curvature = method.precondition(inputs.model, inputs.corpus, curvature)
+    else:
+        curvature = None
+    results = _trace(inputs, curvature, method, load, options, progress)
     if options.report and world()[0] == 0:
         from datasleuth.report import render_report
 
         render_report(results, options.report_path)
     return results
+
+
+def _trace_method(options: TraceOptions, fitting: FitOptions) -> TraceMethod:
+    """``options.method``, or the influence method of the curvature being fitted."""
+    if options.method is not None:
+        return trace_method(options.method)
+    kind = fitting.config.curvature
+    return trace_method("dot" if kind == "identity" else kind)
+
+
+def _trace(inputs: Inputs, curvature: Any, method: TraceMethod, load: LoadOptions,
+           options: TraceOptions, progress: bool) -> dict[str, Any]:
+    """Run the trace of an influence method (``curvature`` given) or of a baseline."""
+    stage = options.candidates
+    if curvature is None:
+        return run_baseline_trace(inputs.model, inputs.tokenizer, inputs.corpus, method,
+                                  inputs.layers, options.queries, options.out, options.config,
+                                  model_name=str(load.model), corpus_name=", ".join(load.corpus),
+                                  candidates_k=stage.bm25, workdir=load.workdir,
+                                  all_scores=options.all_scores, progress=progress)
+    return run_trace(inputs.model, inputs.tokenizer, inputs.corpus, curvature,
+                     options.queries, options.out, options.config,
+                     model_name=str(load.model), corpus_name=", ".join(load.corpus),
+                     candidates_k=stage.bm25, workdir=load.workdir,
+                     all_scores=options.all_scores, rank=stage.rank, index=stage.index,
+                     rescore=stage.rescore, approximate=stage.approximate, progress=progress)
 
 
 def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None = None,
@@ -324,3 +401,33 @@ def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
                               options.config, batch_size=options.batch_size,
                               fisher=options.fisher, max_sequences=options.max_sequences,
                               progress=progress)
+
+
+def tail_patch_results(load: LoadOptions, options: TailPatchOptions, *, progress: bool = True
+                       ) -> dict[str, Any]:
+    """Tail-patch each query's top sequences of the given traces, beside random, BM25 and
+    representation-similarity sequences, on the model and corpus the traces used.
+
+    Writes ``OUT/tail_patch.json``, ``OUT/results.json`` (the first trace's results with
+    a ``tail_patch`` entry per query) and ``OUT/report.html``; returns the tail-patch
+    document.
+    """
+    from datasleuth.evaluation.tail_patch import TailPatchConfig
+    from datasleuth.lm.tail_patch import attach_tail_patch, tail_patch_traces
+    from datasleuth.report import load_results, render_report
+    from datasleuth.storage import write_json
+
+    docs = [dict(load_results(path)) for path in options.results]  # fail fast, before loading
+    inputs = load_inputs(load, progress=progress)
+    doc = tail_patch_traces(inputs.model, inputs.tokenizer, inputs.corpus, docs,
+                            options.config or TailPatchConfig(), methods=options.methods,
+                            workdir=load.workdir, batch_size=options.batch_size,
+                            progress=progress)
+    doc["results"] = list(options.results)
+    out = Path(options.out)
+    write_json(out / "tail_patch.json", doc)
+    merged = attach_tail_patch(docs[0], doc)
+    write_json(out / "results.json", merged)
+    if options.report:
+        render_report(merged, out / "report.html")
+    return doc

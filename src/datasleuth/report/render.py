@@ -223,6 +223,25 @@ def _alpha(query: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _tail_patch_view(patch: Any) -> dict | None:
+    """The compact tail-patch table of a query (optional field), best gain marked."""
+    if not isinstance(patch, dict):
+        return None
+    gains = [r["gain"] for r in patch["rows"] if r.get("gain") is not None]
+    best = max(gains, default=None)
+    rows = [{"method": r["method"],
+             "gain": "—" if r.get("gain") is None else _fmt(r["gain"]),
+             "std": None if r.get("std") is None else f"{r['std']:.3g}",
+             "draws": r.get("draws"),
+             "cls": "pos" if (r.get("gain") or 0) > 0 else "neg" if (r.get("gain") or 0) < 0
+             else "zero",
+             "best": r.get("gain") is not None and r["gain"] == best}
+            for r in patch["rows"]]
+    return {"k": patch["k"], "steps": patch.get("steps", 1), "lr": patch.get("lr"),
+            "optimizer": patch.get("optimizer", ""), "before": _fmt(patch["before"]),
+            "rows": rows}
+
+
 def _query_view(query: QueryResult, qi: int) -> dict:
     seqs = list(query["top"]) + list(query["bottom"])
     notes = {s["token_offset_note"] for s in seqs}
@@ -247,6 +266,7 @@ def _query_view(query: QueryResult, qi: int) -> dict:
         "top_share": _top_share(query),
         "alpha": _alpha(query),
         "n_spurious": sum(bool(s["spurious"]) for s in seqs),
+        "tail_patch": _tail_patch_view(query.get("tail_patch")),
         "top": [_sequence_view(s, "top", qi, shared_note is None) for s in query["top"]],
         "bottom": [_sequence_view(s, "bottom", qi, shared_note is None) for s in query["bottom"]],
     }

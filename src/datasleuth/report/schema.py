@@ -18,6 +18,13 @@ Schema (``format_version`` 1)::
         "layer_names": [str],         # tracked layers, order of Sequence.layer_scores
         "top": [Sequence],            # most positive scores
         "bottom": [Sequence],         # most negative scores
+        "tail_patch": TailPatch,      # optional (`datasleuth evaluate --tail-patch`, §10)
+    }
+    TailPatch = {
+        "k": int (>= 1), "steps": int, "optimizer": str, "lr": float,
+        "before": float,              # log p(completion | prompt) before patching
+        "rows": [{"method": str, "gain": float | null,   # rise of log p after patching
+                  "std": float | null, "draws": int | null}],  # random: sd over draws
     }
     Sequence = {
         "rank": int (>= 1), "index": int (row of the training sequence),
@@ -212,6 +219,25 @@ def _validate_histogram(hist: Any, where: str) -> None:
         raise _fail(f"{where}.edges", "must be non-decreasing")
 
 
+def _optional_float(value: Any, where: str) -> float | None:
+    return None if value is None else _float(value, where)
+
+
+def _validate_tail_patch(patch: Any, where: str) -> None:
+    patch = _dict(patch, where)
+    _int(_get(patch, "k", where), f"{where}.k", minimum=1)
+    _float(_get(patch, "before", where), f"{where}.before")
+    for key in ("steps", "lr"):
+        if key in patch:
+            _float(patch[key], f"{where}.{key}")
+    for j, row in enumerate(_list(_get(patch, "rows", where), f"{where}.rows")):
+        rw = f"{where}.rows[{j}]"
+        row = _dict(row, rw)
+        _str(_get(row, "method", rw), f"{rw}.method")
+        _optional_float(_get(row, "gain", rw), f"{rw}.gain")
+        _optional_float(row.get("std"), f"{rw}.std")
+
+
 def _validate_query(query: Any, where: str) -> None:
     query = _dict(query, where)
     for key in ("id", "prompt", "completion"):
@@ -223,6 +249,8 @@ def _validate_query(query: Any, where: str) -> None:
     for part in ("top", "bottom"):
         for i, seq in enumerate(_list(_get(query, part, where), f"{where}.{part}")):
             _validate_sequence(seq, f"{where}.{part}[{i}]", len(names))
+    if query.get("tail_patch") is not None:
+        _validate_tail_patch(query["tail_patch"], f"{where}.tail_patch")
 
 
 def validate_results(results: Any) -> Results:
