@@ -313,7 +313,8 @@ def test_torchrun_self_influence_equals_one_process(world, tmp_path):
     one = pd.read_parquet(tmp_path / "one" / "self_influence.parquet")
     two = pd.read_parquet(tmp_path / "two" / "self_influence.parquet")
     assert one["sequence"].tolist() == two["sequence"].tolist()
-    for column in one.columns:
+    assert one["documents"].map(list).tolist() == two["documents"].map(list).tolist()
+    for column in one.columns.drop("documents"):
         assert two[column].to_numpy() == pytest.approx(one[column].to_numpy(), rel=1e-5,
                                                        abs=1e-8), column
     top = [r["index"] for r in json.loads((tmp_path / "two" / "self_influence.json")
@@ -356,11 +357,15 @@ def test_self_influence_command_flags_a_corrupt_document(world, tmp_path, capsys
     assert code == 0
     doc = json.loads((tmp_path / "o" / "self_influence.json").read_text())
     assert [r["rank"] for r in doc["top"]] == [1, 2, 3, 4, 5]
-    assert 20 in doc["top"][0]["documents"]  # the corrupt document ranks first
+    first = doc["top"][0]["documents"]
+    assert 20 in [d["doc_index"] for d in first]  # the corrupt document ranks first
+    piece = next(d for d in first if d["doc_index"] == 20)
+    assert junk[piece["char_start"]:piece["char_end"]] in doc["top"][0]["text"]  # its text
     assert doc["top"][0]["self_influence"] >= doc["top"][1]["self_influence"] > 0
     table = pd.read_parquet(tmp_path / "o" / "self_influence.parquet")
     assert len(table) == doc["n_sequences"]
     assert table["sequence"].tolist() == list(range(len(table)))
+    assert 20 in table["documents"][doc["top"][0]["index"]].tolist()
     assert table["self_influence"].max() == pytest.approx(doc["top"][0]["self_influence"])
     layers = [c for c in table.columns if c.startswith("layer:")]
     assert table[layers].sum(axis=1).to_numpy() == pytest.approx(
