@@ -272,9 +272,14 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
     assert every["config"]["first_stage"]["kind"] == "index"
     assert any("projected-gradient index" in w for w in every["warnings"])
     # The planted document is found from a handful of index candidates.
+    capsys.readouterr()
     assert main([*trace, "--out", str(tmp_path / "few"), "--index", str(index),
                  "--rescore", "5"]) == 0
     few = json.loads((tmp_path / "few" / "results.json").read_text())
+    rescored = few["queries"][0]["n_rescored"]
+    assert 5 <= rescored <= 10  # the 5 best and 5 worst by the index, exactly re-scored
+    assert f"({rescored} sequences re-scored, chosen from {n} by the index)" in \
+        capsys.readouterr().out
     docs = {d["doc_index"] for d in few["queries"][0]["top"][0]["documents"]}
     assert world["planted_doc"] in docs
     # Approximate (FAISS HNSW) search finds it too.

@@ -218,7 +218,8 @@ class PackedCorpus:
 
     def document_column(self, name: str, doc_indices: np.ndarray) -> pa.Array:
         """Column ``name`` of the documents ``doc_indices`` (in that order)."""
-        return self._a.documents.column(name).take(pa.array(self.document_rows(doc_indices)))
+        column = self._a.documents.column(name)
+        return column.take(pa.array(self.document_rows(doc_indices))).combine_chunks()
 
     def sequence_documents(self) -> tuple[np.ndarray, np.ndarray]:
         """Every sequence's documents at once: (offsets (N+1,), doc_index (S,)); those of
