@@ -63,7 +63,7 @@ def test_load_queries(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("line", "message"), [
     ('{"prompt": "a", "completion": }', r":2: malformed JSON.*one object per line"),
     ('["a", "b"]', r":2: expected a JSON object, got list"),
-    ('{"prompt": "a"}', r":2: the query has no 'completion' key \(keys: prompt\).*give every query"),
+    ('{"prompt": "a"}', r":2: the query has no 'completion' key \(keys: prompt\).*give every"),
     ('{"completion": "a"}', r":2: the query has no 'prompt' key"),
     ('{"prompt": 3, "completion": "a"}', r":2: 'prompt' is int, not a string; quote it"),
     ('{"prompt": "a", "completion": null}', r":2: 'completion' is NoneType"),
