@@ -12,7 +12,7 @@ import click
 import pandas as pd
 import pytest
 import torch
-from test_hf_names import TEXTS, tiny_model
+from test_hf_names import CHAT_TEMPLATE, TEXTS, tiny_model
 
 from datasleuth.cli import main
 from datasleuth.cli.main import cli
@@ -28,6 +28,7 @@ def small(tmp_path_factory):
     """A tiny random GPT-2 with its tokenizer, a corpus with id/title columns, queries."""
     root = tmp_path_factory.mktemp("small")
     tok = build_tokenizer(TEXTS, vocab_size=300, max_length=64)
+    tok.chat_template = CHAT_TEMPLATE
     model_dir = root / "model"
     tiny_model(len(tok)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -121,6 +122,27 @@ def test_resolved_configuration_replays_the_run(small, tmp_path, capsys):
     assert (out / "results.json").read_text() == first
     assert main(["fit", "--config", str(out / RESOLVED_CONFIG)]) == 2
     assert "`datasleuth trace`" in capsys.readouterr().err
+
+
+def test_python_api_takes_in_memory_and_chat_queries(small, tmp_path):
+    from datasleuth.lm import LoadOptions, TraceConfig, TraceOptions, trace_queries
+
+    load = LoadOptions(small["model"], small["corpus"], workdir=tmp_path / "work", seq_len=8)
+    config = TraceConfig(top_k=3, bottom_k=0)
+    chat = {"id": "chat", "messages": [{"role": "user", "content": "two plus two"},
+                                       {"role": "assistant", "content": "equals four"}]}
+    runs = {}
+    for name, queries in (("file", small["queries"]), ("list", QUERIES + [chat])):
+        runs[name] = trace_queries(load, TraceOptions(queries, out=tmp_path / name,
+                                                      config=config, report=False),
+                                   progress=False)
+    for got, want in zip(runs["list"]["queries"], runs["file"]["queries"]):
+        assert [r["index"] for r in got["top"]] == [r["index"] for r in want["top"]]
+        assert [r["score"] for r in got["top"]] == pytest.approx([r["score"] for r in want["top"]])
+    rendered = runs["list"]["queries"][2]
+    assert rendered["prompt"] == "user: two plus two\nassistant:"
+    assert rendered["completion"] == " equals four\n"
+    assert "chat" in set(pd.read_parquet(tmp_path / "list" / "results.parquet")["query_id"])
 
 
 def _valid_value(param: click.Parameter):

@@ -434,9 +434,7 @@ def run_trace(
                      approximate=approximate)
     previous = _reusable(out / "results.json", key)
     if previous is not None:
-        if world()[0] == 0 and not (out / "results.parquet").is_file():
-            write_results_table(previous, corpus, out / "results.parquet")
-        return previous
+        return _written(previous, corpus, out, table_only=True)
     job, warnings = _trace_job(model, tokenizer, corpus, curvature, queries, config, out,
                                {"model": model_name, "corpus": corpus_name, "input_digest": key},
                                candidates_k=candidates_k, workdir=workdir or out,
@@ -446,9 +444,18 @@ def run_trace(
     results["config"].update(curvature=curvature.metadata.get("config"),
                              candidates_k=candidates_k, layers=curvature.layer_names,
                              first_stage=first.stage if first else {"kind": "full"})
+    return _written(results, corpus, out)
+
+
+def _written(results: dict[str, Any], corpus: PackedCorpus, out: Path, table_only: bool = False
+             ) -> dict[str, Any]:
+    """``results`` after rank 0 wrote OUT/results.parquet and (last: the marker a re-run
+    reuses) OUT/results.json; with ``table_only``, the table alone if it is missing."""
     if world()[0] == 0:
-        write_results_table(results, corpus, out / "results.parquet")
-        write_json(out / "results.json", results)  # the marker a re-run reuses: last
+        if not table_only or not (out / "results.parquet").is_file():
+            write_results_table(results, corpus, out / "results.parquet")
+        if not table_only:
+            write_json(out / "results.json", results)
     barrier()
     return results
 
