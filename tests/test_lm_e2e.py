@@ -272,9 +272,14 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
     assert every["config"]["first_stage"]["kind"] == "index"
     assert any("projected-gradient index" in w for w in every["warnings"])
     # The planted document is found from a handful of index candidates.
+    capsys.readouterr()
     assert main([*trace, "--out", str(tmp_path / "few"), "--index", str(index),
                  "--rescore", "5"]) == 0
     few = json.loads((tmp_path / "few" / "results.json").read_text())
+    rescored = few["queries"][0]["n_rescored"]
+    assert 5 <= rescored <= 10  # the 5 best and 5 worst by the index, exactly re-scored
+    assert f"({rescored} sequences re-scored, chosen from {n} by the index)" in \
+        capsys.readouterr().out
     docs = {d["doc_index"] for d in few["queries"][0]["top"][0]["documents"]}
     assert world["planted_doc"] in docs
     # Approximate (FAISS HNSW) search finds it too.
@@ -313,7 +318,8 @@ def test_torchrun_self_influence_equals_one_process(world, tmp_path):
     one = pd.read_parquet(tmp_path / "one" / "self_influence.parquet")
     two = pd.read_parquet(tmp_path / "two" / "self_influence.parquet")
     assert one["sequence"].tolist() == two["sequence"].tolist()
-    for column in one.columns:
+    assert one["documents"].map(list).tolist() == two["documents"].map(list).tolist()
+    for column in one.columns.drop("documents"):
         assert two[column].to_numpy() == pytest.approx(one[column].to_numpy(), rel=1e-5,
                                                        abs=1e-8), column
     top = [r["index"] for r in json.loads((tmp_path / "two" / "self_influence.json")
@@ -356,11 +362,15 @@ def test_self_influence_command_flags_a_corrupt_document(world, tmp_path, capsys
     assert code == 0
     doc = json.loads((tmp_path / "o" / "self_influence.json").read_text())
     assert [r["rank"] for r in doc["top"]] == [1, 2, 3, 4, 5]
-    assert 20 in doc["top"][0]["documents"]  # the corrupt document ranks first
+    first = doc["top"][0]["documents"]
+    assert 20 in [d["doc_index"] for d in first]  # the corrupt document ranks first
+    piece = next(d for d in first if d["doc_index"] == 20)
+    assert junk[piece["char_start"]:piece["char_end"]] in doc["top"][0]["text"]  # its text
     assert doc["top"][0]["self_influence"] >= doc["top"][1]["self_influence"] > 0
     table = pd.read_parquet(tmp_path / "o" / "self_influence.parquet")
     assert len(table) == doc["n_sequences"]
     assert table["sequence"].tolist() == list(range(len(table)))
+    assert 20 in table["documents"][doc["top"][0]["index"]].tolist()
     assert table["self_influence"].max() == pytest.approx(doc["top"][0]["self_influence"])
     layers = [c for c in table.columns if c.startswith("layer:")]
     assert table[layers].sum(axis=1).to_numpy() == pytest.approx(

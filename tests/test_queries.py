@@ -63,12 +63,12 @@ def test_load_queries(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("line", "message"), [
     ('{"prompt": "a", "completion": }', r":2: malformed JSON.*one object per line"),
     ('["a", "b"]', r":2: expected a JSON object, got list"),
-    ('{"prompt": "a"}', r":2: the query has no 'completion' key \(keys: prompt\).*give every line"),
+    ('{"prompt": "a"}', r":2: the query has no 'completion' key \(keys: prompt\).*give every"),
     ('{"completion": "a"}', r":2: the query has no 'prompt' key"),
     ('{"prompt": 3, "completion": "a"}', r":2: 'prompt' is int, not a string; quote it"),
     ('{"prompt": "a", "completion": null}', r":2: 'completion' is NoneType"),
     ('{"prompt": "a", "completion": "", "id": "z"}',
-     r"query on line 2 has an empty completion; the measurement log p\(completion\|prompt\) "
+     r":2: the query has an empty completion; the measurement log p\(completion\|prompt\) "
      "needs at least one completion token"),
     ('{"prompt": "a", "completion": "b", "id": "x"}',
      r":2: query id 'x' is already used on line 1"),

@@ -141,10 +141,10 @@ def traced(tmp_path_factory):
 def test_cli_tail_patches_traces_beside_random_bm25_and_repsim(traced, capsys):
     root, w = traced
     out = root / "patched"
+    # model, corpus, workdir and packing come from the trace's config.resolved.json
     code = main(["evaluate", "--tail-patch", str(root / "ekfac" / "results.json"),
-                 "--tail-patch", str(root / "dot" / "results.json"), "--workdir",
-                 str(root / "work"), "--tail-k", "3", "--tail-draws", "2", "--tail-warmup", "2",
-                 "--out", str(out), "--no-progress"])
+                 "--tail-patch", str(root / "dot" / "results.json"), "--tail-k", "3",
+                 "--tail-draws", "2", "--tail-warmup", "2", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     doc = json.loads((out / "tail_patch.json").read_text())

@@ -69,8 +69,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777  # 0o666 minus the umask
     try:
         yield tmp
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that made the file anew (0o600)
+            os.chmod(tmp, mode)
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

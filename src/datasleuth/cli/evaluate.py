@@ -49,18 +49,20 @@ __all__ = ["evaluate"]
                    "queries) on its model and corpus, beside random, BM25 and repsim "
                    "sequences; writes OUT/tail_patch.json, OUT/results.json, report.html.")
 @click.option("--model", "model_path", default=None, type=click.Path(),
-              help="With --tail-patch: the model folder (default: the one the trace names).")
+              help="With --tail-patch: the model [default: the trace's, from the "
+                   "config.resolved.json beside its results, else the results' model].")
 @click.option("--corpus", "corpus_path", multiple=True, type=click.Path(),
-              help="With --tail-patch: the corpus (default: the one the trace names).")
-@click.option("--workdir", default="datasleuth-work", show_default=True,
-              type=click.Path(file_okay=False), help="With --tail-patch: the trace's workdir.")
+              help="With --tail-patch: the corpus [default: the trace's].")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+              help="With --tail-patch: the packed corpus and BM25 index [default: the "
+                   "trace's].")
 @click.option("--seq-len", default=None, type=click.IntRange(2),
-              help="With --tail-patch: tokens per packed sequence (default: the trace's).")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--trust-remote-code", is_flag=True)
+              help="With --tail-patch: tokens per packed sequence [default: the trace's].")
+@click.option("--device", default=None, help="With --tail-patch: torch device [default: the "
+              "trace's, else cpu].")
+@click.option("--dtype", default=None,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="With --tail-patch [default: the trace's, else auto].")
 @click.option("--tail-k", default=None, type=click.IntRange(1),
               help="Sequences patched per method and query (default 10 with --tail-patch; "
                    "with --recipe, giving it adds tail-patch to the suite).")
@@ -137,19 +139,46 @@ def _suite(options: Mapping[str, Any]) -> None:
     click.echo(f"results: {Path(out_dir) / 'results.json'}")
 
 
+# The loading options of ``load_options_from`` and their defaults; a trace's
+# config.resolved.json names them as --help does (``model`` for ``model_path``, ...).
+_LOAD_DEFAULTS: dict[str, Any] = {
+    "model_path": None, "corpus_path": (), "workdir": "datasleuth-work", "layers": (),
+    "attention": False, "device": "cpu", "dtype": "auto", "trust_remote_code": False,
+    "seq_len": None, "text_field": "text", "streaming": False, "tokenizer_path": None,
+    "download": False, "separator": None, "no_pack": False, "split": None,
+    "dataset_config": None}
+_RENAMED = {"model": "model_path", "corpus": "corpus_path", "tokenizer": "tokenizer_path"}
+
+
+def _trace_load_options(options: Mapping[str, Any], results: Mapping[str, Any]) -> Any:
+    """How the traced model and corpus are loaded: the trace's own options (saved beside
+    its results), then what these options override."""
+    from datasleuth.cli.options import RESOLVED_CONFIG, load_options_from, read_config
+
+    saved = Path(options["tail_patch"][0]).with_name(RESOLVED_CONFIG)
+    values = dict(_LOAD_DEFAULTS)
+    for key, value in (read_config(saved) if saved.is_file() else {}).items():
+        name = _RENAMED.get(key, key.replace("-", "_"))
+        if name in values:
+            values[name] = value
+    values["model_path"] = options["model_path"] or values["model_path"] or results["model"]
+    values["corpus_path"] = options["corpus_path"] or values["corpus_path"] or \
+        [results["corpus"]]
+    for name in ("workdir", "seq_len", "device", "dtype"):
+        if options[name] is not None:
+            values[name] = options[name]
+    if values["seq_len"] is None:
+        values["seq_len"] = (results.get("config") or {}).get("seq_len")
+    return load_options_from(values)
+
+
 def _tail_patch_traces(options: Mapping[str, Any]) -> None:
-    """Tail-patch trace results on the model and corpus they name (or the options give)."""
+    """Tail-patch trace results on the model and corpus they were traced with."""
     from datasleuth.evaluation.tail_patch import tail_patch_table
-    from datasleuth.lm.workflow import LoadOptions, TailPatchOptions, tail_patch_results
+    from datasleuth.lm.workflow import TailPatchOptions, tail_patch_results
     from datasleuth.report import load_results
 
-    first = load_results(options["tail_patch"][0])
-    seq_len = options["seq_len"] or (first.get("config") or {}).get("seq_len")
-    load = LoadOptions(model=options["model_path"] or first["model"],
-                       corpus=options["corpus_path"] or first["corpus"],
-                       workdir=options["workdir"], device=options["device"],
-                       dtype=options["dtype"], trust_remote_code=options["trust_remote_code"],
-                       seq_len=seq_len, text_field=options["text_field"])
+    load = _trace_load_options(options, load_results(options["tail_patch"][0]))
     methods = tuple(m.strip() for m in options["tail_methods"].split(",") if m.strip())
     settings = TailPatchOptions(options["tail_patch"], out=options["out_dir"],
                                 config=_tail_config(options, 10), methods=methods,

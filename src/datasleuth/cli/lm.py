@@ -7,7 +7,9 @@ every process runs the workflow and rank 0 alone prints.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -20,12 +22,15 @@ from datasleuth.cli.options import (
     load_options_from,
     model_options,
     progress_option,
+    save_resolved_config,
+    threads_option,
 )
 
 if TYPE_CHECKING:
     from datasleuth.lm.workflow import TraceOptions
 
-__all__ = ["fit", "trace", "index", "self_influence", "print_summary", "print_self_influence"]
+__all__ = ["fit", "trace", "index", "self_influence", "print_summary", "print_self_influence",
+           "finish", "duration"]
 
 
 def _rank_zero() -> bool:
@@ -40,18 +45,41 @@ def _say(message: str) -> None:
     say(message)
 
 
+def duration(seconds: float) -> str:
+    """``4.2 s``, ``3 min 12 s`` or ``1 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def finish(folder: str | Path, what: str, sequences: int, started: float) -> None:
+    """Save the resolved options beside the results and say, in one line, how long the
+    command took and its throughput in sequences per second."""
+    config = save_resolved_config(click.get_current_context(), folder)
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    _say(f"done: {what} in {duration(elapsed)} ({sequences} sequences, "
+         f"{sequences / elapsed:.1f} sequences/s); options saved to {config}")
+
+
 @click.command("fit")
 @config_option
 @model_options
 @corpus_options
 @fit_options
+@threads_option
 @progress_option
 def fit(**options: Any) -> None:
     """Fit curvature factors (EK-FAC by default) for a model on its corpus."""
     from datasleuth.lm import workflow
 
-    workflow.fit(load_options_from(options), fit_options_from(options),
-                 progress=options["progress"])
+    started = time.perf_counter()
+    load = load_options_from(options)
+    curvature = workflow.fit(load, fit_options_from(options), progress=options["progress"])
+    finish(load.workdir, f"fit of {curvature.kind}", int(curvature.metadata.get("sequences", 0)),
+           started)
 
 
 def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
@@ -76,9 +104,12 @@ def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
 @corpus_options
 @fit_options
 @click.option("--queries", "queries_path", required=True, type=click.Path(),
-              help='JSONL of {"prompt": ..., "completion": ...} lines.')
+              help='JSONL of {"prompt": ..., "completion": ...} lines, or chat transcripts '
+                   '{"messages": [{"role": ..., "content": ...}, ...]} (last turn: the '
+                   "assistant's, measured).")
 @click.option("--out", "out_dir", default="datasleuth-out", show_default=True,
-              type=click.Path(file_okay=False), help="Folder for results.json and report.html.")
+              type=click.Path(file_okay=False),
+              help="Folder for results.json, results.parquet and report.html.")
 @click.option("--top-k", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--bottom-k", default=10, show_default=True, type=click.IntRange(0))
 @click.option("--method", default=None,
@@ -105,11 +136,13 @@ def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
 @click.option("--rescore", default=100, show_default=True, type=click.IntRange(1),
               help="With --rank or --index: candidates per query re-scored at full rank "
                    "(at least --top-k).")
+@threads_option
 @progress_option
 def trace(**options: Any) -> None:
     """Find the training sequences that made each query's completion more (or less) likely."""
     from datasleuth.lm import workflow
 
+    started = time.perf_counter()
     settings = trace_options_from(options)  # refuses conflicting options before any work
     results = workflow.trace_queries(load_options_from(options), settings,
                                      fit_options_from(options), progress=options["progress"])
@@ -118,7 +151,10 @@ def trace(**options: Any) -> None:
     print_summary(results)
     if settings.report:
         _say(f"report: {settings.report_path}")
-    _say(f"results: {settings.results_path}")
+    _say(f"results: {settings.results_path}, {settings.table_path}")
+    queries = results["queries"]
+    finish(settings.out, f"trace of {len(queries)} queries",
+           max((q["n_scanned"] for q in queries), default=0), started)
 
 
 @click.command("index")
@@ -140,19 +176,23 @@ def trace(**options: Any) -> None:
               type=click.Choice(["sampled", "empirical"]))
 @click.option("--max-sequences", type=click.IntRange(1), default=None,
               help="Fit the projected curvature on at most this many sequences.")
+@threads_option
 @progress_option
 def index(**options: Any) -> None:
     """Build a projected-gradient index of the corpus for fast `trace --index` queries."""
     from datasleuth.lm import workflow
     from datasleuth.scale.index import IndexConfig
 
+    started = time.perf_counter()
     config = IndexConfig(k_in=options["proj_dim"], k_out=options["proj_dim"],
                          seed=options["seed"], dtype=options["index_dtype"],
                          shard_size=options["shard_size"])
     settings = workflow.IndexOptions(options["out_dir"], config=config,
                                      batch_size=options["batch_size"], fisher=options["fisher"],
                                      max_sequences=options["max_sequences"])
-    workflow.index_corpus(load_options_from(options), settings, progress=options["progress"])
+    built = workflow.index_corpus(load_options_from(options), settings,
+                                  progress=options["progress"])
+    finish(settings.out, "index", built.rows, started)
 
 
 @click.command("self-influence")
@@ -164,11 +204,13 @@ def index(**options: Any) -> None:
               type=click.Path(file_okay=False),
               help="Folder for self_influence.parquet (all) and .json (top-k).")
 @click.option("--top-k", default=20, show_default=True, type=click.IntRange(1))
+@threads_option
 @progress_option
 def self_influence(**options: Any) -> None:
     """Rank training sequences by self-influence: candidates for corrupt or odd data."""
     from datasleuth.lm import workflow
 
+    started = time.perf_counter()
     settings = workflow.SelfInfluenceOptions(options["out_dir"], top_k=options["top_k"],
                                              batch_size=options["batch_size"])
     doc = workflow.rank_self_influence(load_options_from(options), settings,
@@ -178,13 +220,15 @@ def self_influence(**options: Any) -> None:
     print_self_influence(doc)
     top, every = settings.paths
     _say(f"results: {top}, {every}")
+    finish(settings.out, "self-influence", doc["n_sequences"], started)
 
 
 def print_summary(results: dict[str, Any], width: int = 70) -> None:
     """Per query: its sparsity and best five sequences (stdout)."""
+    stage = (results.get("config") or {}).get("first_stage") or {"kind": "full"}
     for q in results["queries"]:
         click.echo(f"\nquery {q['id']}: {q['prompt']!r} -> {q['completion']!r}"
-                   f"  ({q['n_scanned']} sequences scanned)")
+                   f"  ({_coverage(q, stage, results.get('config', {}).get('candidates_k'))})")
         sparsity = q.get("sparsity") or {}
         if sparsity.get("top_share"):
             line = (f"  top 1% of sequences hold {100 * sparsity['top_share']['0.01']:.0f}% "
@@ -199,11 +243,33 @@ def print_summary(results: dict[str, Any], width: int = 70) -> None:
                        f"{text[:width]!r}{flag}")
 
 
+def _coverage(query: dict[str, Any], stage: dict[str, Any], bm25: int | None) -> str:
+    """How many sequences a query's scores cover, in the words of the stage that chose them."""
+    scanned, rescored = query["n_scanned"], query.get("n_rescored")
+    kind = stage.get("kind")
+    words = "BM25 candidates" if bm25 else "sequences"
+    if kind == "index":
+        return f"{rescored} sequences re-scored, chosen from {scanned} by the index"
+    if kind == "low_rank":
+        return (f"{scanned} {words} scanned at rank {stage.get('rank')}, {rescored} "
+                "re-scored at full rank")
+    return f"{scanned} {words} scanned"
+
+
 def print_self_influence(doc: dict[str, Any], width: int = 60) -> None:
     """The top sequences by self-influence with their loss rank (stdout)."""
     click.echo(f"\ntop {len(doc['top'])} of {doc['n_sequences']} sequences by self-influence "
                "(loss rank in brackets):")
     for row in doc["top"]:
         text = row["text"].replace("\n", " ")
+        names = ", ".join(_document_name(d) for d in row["documents"])
         click.echo(f"  #{row['rank']:<3} seq {row['index']:<6} {row['self_influence']:+.4g}  "
-                   f"[loss #{row['loss_rank']}]  {text[:width]!r}")
+                   f"[loss #{row['loss_rank']}]  doc {names}  {text[:width]!r}")
+
+
+def _document_name(doc: dict[str, Any]) -> str:
+    """A document by the corpus's own id or title where it has one, else its index."""
+    for key in ("id", "doc_id", "title", "source"):
+        if doc.get(key):
+            return f"{doc['doc_index']} ({doc[key]})"
+    return str(doc["doc_index"])

@@ -1,10 +1,13 @@
 """Options shared by the commands, ``--config`` files, and the option types they build.
 
 A ``--config FILE`` (TOML or JSON) holds a table of option values; its keys are the
-option names (``seq-len`` or ``seq_len`` for ``--seq-len``, ``model`` for ``--model``).
-Options given on the command line win. The file is read and checked before anything
-runs; a missing, unreadable or malformed file, an unknown key or a bad value is one
-``error: ...`` line (:class:`~datasleuth.errors.DatasleuthError`).
+option names ``--help`` shows (``seq-len`` or ``seq_len`` for ``--seq-len``, ``model``
+for ``--model``, ``no-progress`` for ``--no-progress``). Options given on the command
+line win. Every command saves the options it ran with as ``config.resolved.json``
+beside its results (:func:`save_resolved_config`): ``--config`` replays the run. The
+file is read and checked before anything runs; a missing, unreadable or malformed
+file, an unknown key or a bad value is one ``error: ...`` line
+(:class:`~datasleuth.errors.DatasleuthError`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ if TYPE_CHECKING:
     from datasleuth.lm.workflow import FitOptions, LoadOptions
 
 __all__ = [
+    "RESOLVED_CONFIG",
     "config_option",
     "progress_option",
+    "threads_option",
+    "resolved_config",
+    "save_resolved_config",
+    "config_defaults",
     "model_options",
     "corpus_options",
     "fit_options",
@@ -37,6 +45,8 @@ __all__ = [
 ]
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+#: The file, beside a command's results, that replays the run with ``--config``.
+RESOLVED_CONFIG = "config.resolved.json"
 
 
 def toml_module(version: tuple[int, ...] | None = None) -> ModuleType:
@@ -79,40 +89,93 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _parameters_by_key(command: click.Command) -> dict[str, click.Parameter]:
-    """Each parameter under its option names and its own name, dashes as underscores."""
-    keys: dict[str, click.Parameter] = {}
+def _key(name: str) -> str:
+    return name.lstrip("-").replace("-", "_")
+
+
+def _parameters_by_key(command: click.Command) -> dict[str, tuple[click.Parameter, bool]]:
+    """Each parameter under its option names (``--help``'s, ``--no-x`` of an on/off switch
+    included: ``True`` marks those, whose value is inverted) and its own name, dashes as
+    underscores."""
+    keys: dict[str, tuple[click.Parameter, bool]] = {}
     for param in command.params:
         if param.name is None or param.name == "config":
             continue
-        keys[param.name] = param
+        keys[param.name] = (param, False)
         for opt in param.opts:
-            keys.setdefault(opt.lstrip("-").replace("-", "_"), param)
+            keys.setdefault(_key(opt), (param, False))
+        for opt in getattr(param, "secondary_opts", []):
+            keys.setdefault(_key(opt), (param, True))
     return keys
 
 
 def config_defaults(ctx: click.Context, data: Mapping[str, Any], path: str) -> dict[str, Any]:
     """``data`` (a config table) as click defaults of the command's parameters.
 
-    Refuses unknown keys and values the option would refuse, in one line.
+    Keys are the option names ``--help`` shows (``seq-len``, ``no-progress``), with or
+    without dashes for underscores. Refuses unknown keys and values the option would
+    refuse, in one line.
     """
     params = _parameters_by_key(ctx.command)
-    unknown = sorted(k for k in data if k.replace("-", "_") not in params)
+    data = dict(data)
+    command = data.pop("command", ctx.command.name)  # written by save_resolved_config
+    if command != ctx.command.name:
+        raise DatasleuthError(f"{path} holds the options of `datasleuth {command}`; give it to "
+                              "that command")
+    unknown = sorted(k for k in data if _key(k) not in params)
     if unknown:
         raise DatasleuthError(f"{path} sets unknown option(s) {', '.join(unknown)}; see --help "
                               "for the names")
     defaults: dict[str, Any] = {}
     for key, value in data.items():
-        param = params[key.replace("-", "_")]
+        param, inverted = params[_key(key)]
         if param.multiple and isinstance(value, str):
             value = [value]  # one corpus or layer pattern given as a string
+        if inverted and not isinstance(value, bool):
+            raise DatasleuthError(f"{path}: {key} = {value!r} is refused (not true or false); "
+                                  "fix the file")
         try:
             param.type_cast_value(ctx, value)
         except click.BadParameter as e:
             raise DatasleuthError(f"{path}: {key} = {value!r} is refused ({e.message}); fix "
                                   "the file") from None
-        defaults[param.name] = value
+        defaults[param.name] = (not value) if inverted else value
     return defaults
+
+
+def resolved_config(ctx: click.Context) -> dict[str, Any]:
+    """The options a command ran with, under their ``--help`` names: a ``--config`` file
+    that replays the run. Unset options are left out; existing paths are made absolute."""
+    out: dict[str, Any] = {}
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in (None, "config"):
+            continue
+        value = ctx.params.get(param.name)
+        if value is None or (param.multiple and not value):
+            continue
+        if isinstance(param.type, click.Path):
+            value = ([_absolute(v) for v in value] if param.multiple else _absolute(value))
+        elif isinstance(value, tuple):
+            value = list(value)
+        name = max(param.opts, key=len)
+        out[name.lstrip("-")] = value
+    return out
+
+
+def _absolute(value: Any) -> Any:
+    path = Path(str(value))
+    return str(path.resolve()) if path.exists() else value
+
+
+def save_resolved_config(ctx: click.Context, folder: str | Path) -> Path:
+    """Write :func:`resolved_config` to ``FOLDER/config.resolved.json`` (rank 0 only)."""
+    from datasleuth.distributed import world
+    from datasleuth.storage import write_json
+
+    path = Path(folder) / RESOLVED_CONFIG
+    if world()[0] == 0:
+        write_json(path, {"command": ctx.command.name, **resolved_config(ctx)})
+    return path
 
 
 def _apply_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -131,6 +194,19 @@ progress_option = click.option("--progress/--no-progress", default=True, show_de
                                help="Show progress bars with rates and time left.")
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+    return value
+
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(1), default=None, callback=_set_threads,
+    help="torch CPU threads (torch.set_num_threads) [default: torch's choice].")
+
+
 def _stack(*decorators: Decorator) -> Decorator:
     """Apply ``decorators`` so that ``--help`` lists them in the order given."""
     def apply(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -143,7 +219,12 @@ def _stack(*decorators: Decorator) -> Decorator:
 
 model_options = _stack(
     click.option("--model", "model_path", required=True, type=click.Path(),
-                 help="Local folder of a Hugging Face causal LM or PEFT adapter."),
+                 help="Local folder of a Hugging Face causal LM or PEFT adapter, or a Hub id "
+                      "in the local Hugging Face cache (HF_HUB_CACHE)."),
+    click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(),
+                 help="Folder or Hub id of the tokenizer [default: the model's own]."),
+    click.option("--download", is_flag=True,
+                 help="Fetch a Hub model or datasets corpus missing from the local cache."),
     click.option("--layers", multiple=True,
                  help="Glob over module names to track (repeatable); overrides defaults."),
     click.option("--attention", is_flag=True,
@@ -161,7 +242,13 @@ corpus_options = _stack(
                  type=click.Path(file_okay=False),
                  help="Where packed corpus and factors are kept and reused."),
     click.option("--corpus", "corpus_path", required=True, multiple=True,
-                 type=click.Path(), help="JSONL/Parquet/Arrow/text file or folder."),
+                 type=click.Path(), help="JSONL/Parquet/Arrow/text file or folder, a "
+                 "save_to_disk folder, or a datasets name (owner/name) in the local cache."),
+    click.option("--split", default=None,
+                 help="Split of a datasets name or save_to_disk folder [default: its only "
+                      "split]."),
+    click.option("--dataset-config", default=None,
+                 help="Configuration (subset) of a datasets name."),
     click.option("--seq-len", default=None, type=click.IntRange(2),
                  help="Tokens per packed training sequence [default: 512, or the "
                       "model's context if shorter]."),
@@ -170,6 +257,12 @@ corpus_options = _stack(
     click.option("--streaming", is_flag=True,
                  help="Read the corpus files as a stream (no Arrow cache copy on disk), "
                       "for corpora larger than the free disk."),
+    click.option("--separator", default=None,
+                 help="Token put after every document: a token such as '<|endoftext|>' or "
+                      "its id [default: the EOS token]."),
+    click.option("--no-pack", is_flag=True,
+                 help="One document per sequence (padded; longer ones cut at --seq-len, with "
+                      "a warning) instead of packing, for document-level results."),
 )
 
 fit_options = _stack(
@@ -198,7 +291,10 @@ def load_options_from(values: Mapping[str, Any]) -> LoadOptions:
         layers=values["layers"], attention=values["attention"], device=values["device"],
         dtype=values["dtype"], trust_remote_code=values["trust_remote_code"],
         seq_len=values["seq_len"], text_field=values["text_field"],
-        streaming=values["streaming"],
+        streaming=values["streaming"], tokenizer=values["tokenizer_path"],
+        download=values["download"], separator=values["separator"],
+        pack=not values["no_pack"], split=values["split"],
+        dataset_config=values["dataset_config"],
     )
 
 

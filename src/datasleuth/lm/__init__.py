@@ -27,10 +27,10 @@ from datasleuth.lm.pipeline import (
     open_corpus_index,
     prepare_corpus,
     query_batches,
-    run_self_influence,
     run_trace,
 )
-from datasleuth.lm.queries import Query, encode_queries, load_queries
+from datasleuth.lm.queries import Query, encode_queries, load_queries, render_chat
+from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.lm.workflow import (
@@ -87,6 +87,7 @@ __all__ = [
     "pack_corpus",
     "prepare_corpus",
     "query_batches",
+    "render_chat",
     "rank_self_influence",
     "register_method",
     "run_self_influence",

@@ -47,19 +47,26 @@ from datasleuth.baselines import (
     unit_rows,
 )
 from datasleuth.curvature import Curvature
-from datasleuth.distributed import barrier, rank_zero_first, world
+from datasleuth.distributed import rank_zero_first
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus
-from datasleuth.lm.pipeline import _digest, _reusable, _trace_job, bm25_index, check_context
-from datasleuth.lm.queries import load_queries
+from datasleuth.lm.pipeline import (
+    _digest,
+    _reusable,
+    _trace_job,
+    _written,
+    bm25_index,
+    check_context,
+)
+from datasleuth.lm.queries import load_queries, render_chat
 from datasleuth.lm.stages import TraceJob
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig, _token_heat, scan_corpus, trace_details
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
 from datasleuth.scoring import collect_gradients
-from datasleuth.storage import model_fingerprint, write_json
+from datasleuth.storage import model_fingerprint
 from datasleuth.streaming import evaluation
 
 __all__ = ["TRACE_METHODS", "TraceMethod", "register_method", "run_baseline_trace",
@@ -228,25 +235,26 @@ for _method in (
 
 def run_baseline_trace(
     model: nn.Module, tokenizer: Any, corpus: PackedCorpus, method: TraceMethod,
-    layers: list[TrackedLayer], queries_path: str | Path, out_dir: str | Path,
+    layers: list[TrackedLayer], queries: Any, out_dir: str | Path,
     config: TraceConfig, *, model_name: str = "", corpus_name: str = "",
     candidates_k: int | None = None, workdir: str | Path | None = None,
     all_scores: bool = False, progress: bool = True,
 ) -> dict[str, Any]:
     """Trace every query with a baseline ``method``; write results.json (reused if inputs
-    match). ``candidates_k`` restricts the scan to the BM25 top-k per query."""
+    match) and results.parquet. ``queries`` as for :func:`~datasleuth.lm.pipeline.run_trace`;
+    ``candidates_k`` restricts the scan to the BM25 top-k per query."""
     if method.baseline is None:
         raise DatasleuthError(f"{method.name!r} is an influence method; use run_trace")
     check_context(model, corpus.seq_len)
     out = Path(out_dir)
-    queries = load_queries(queries_path)
+    queries = render_chat(load_queries(queries), tokenizer)
     key = _digest({"queries": [asdict(q) for q in queries], "corpus": corpus.fingerprint,
                    "config": asdict(config), "method": method.name,
                    "model": model_fingerprint(model, layers), "candidates_k": candidates_k,
                    "all_scores": all_scores})
     previous = _reusable(out / "results.json", key)
     if previous is not None:
-        return previous
+        return _written(previous, corpus, out, table_only=True)
     header = {"model": model_name, "corpus": corpus_name, "input_digest": key}
     job, warnings = _trace_job(model, tokenizer, corpus, None, queries, config, out, header,
                                candidates_k=candidates_k, workdir=workdir or out,
@@ -264,7 +272,4 @@ def run_baseline_trace(
     results["config"].update(method=method.name, curvature=None, candidates_k=candidates_k,
                              layers=parts.layers, first_stage={"kind": "full"},
                              corpus_fingerprint=corpus.fingerprint, seq_len=corpus.seq_len)
-    if world()[0] == 0:
-        write_json(out / "results.json", results)
-    barrier()
-    return results
+    return _written(results, corpus, out)

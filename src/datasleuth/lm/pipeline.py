@@ -8,6 +8,7 @@ A work directory holds what each step produces::
     WORKDIR/bm25/                      the candidate filter's index (if used)
     INDEX/                             a projected-gradient index (`datasleuth index`)
     OUT/results.json, OUT/report.html  what `trace` found
+    OUT/results.parquet                the same top-k as one long table
 
 A step whose artifact exists and whose metadata still matches (same model fingerprint,
 corpus fingerprint and configuration) is skipped; anything else is rebuilt.
@@ -25,17 +26,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from datasleuth.curvature import Curvature
-from datasleuth.distributed import active, barrier, gather_objects, rank_zero_first, shard, world
+from datasleuth.distributed import active, barrier, rank_zero_first, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.layers import TrackedLayer
-from datasleuth.lm.corpus import PackedCorpus, pack_corpus
+from datasleuth.lm.corpus import PackedCorpus, load_documents, pack_corpus
+from datasleuth.lm.corpus.readers import has_names, is_paths
 from datasleuth.lm.model import context_length
-from datasleuth.lm.queries import Query, collate_queries, encode_queries, load_queries
+from datasleuth.lm.queries import (
+    Query,
+    collate_queries,
+    encode_queries,
+    load_queries,
+    render_chat,
+)
 from datasleuth.lm.stages import (
     FirstStage,
     TraceJob,
@@ -44,10 +52,10 @@ from datasleuth.lm.stages import (
     low_rank_stage,
     rescore_by_chunks,
 )
+from datasleuth.lm.tables import write_results_table
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig
-from datasleuth.scoring import Scores
-from datasleuth.storage import atomic_path, load_curvature, read_json, write_json
+from datasleuth.storage import load_curvature, read_json, write_json
 
 if TYPE_CHECKING:
     from datasleuth.scale.bm25 import CandidateFilter
@@ -64,7 +72,6 @@ __all__ = [
     "check_trace_options",
     "open_corpus_index",
     "run_trace",
-    "run_self_influence",
     "say",
 ]
 
@@ -79,22 +86,38 @@ def say(message: str) -> None:
 
 
 def prepare_corpus(
-    corpus_path: str | Path | Sequence[str],
+    corpus_path: Any,
     tokenizer: Any,
     workdir: str | Path,
     seq_len: int = 512,
     text_field: str = "text",
     progress: bool = True,
     streaming: bool = False,
+    *,
+    separator: int | None = None,
+    pack: bool = True,
+    split: str | None = None,
+    dataset_config: str | None = None,
+    download: bool = False,
 ) -> PackedCorpus:
     """Pack the corpus into ``workdir/corpus``, or reuse a packing of the same inputs.
 
-    ``streaming`` reads the files as a stream instead of through the ``datasets`` Arrow
-    cache (which copies the corpus to disk once); the packing is the same.
+    ``corpus_path`` is what :func:`~datasleuth.lm.corpus.load_documents` reads (files,
+    folders, ``datasets`` names or objects; ``split``, ``dataset_config`` and
+    ``download`` apply to names and multi-split folders). ``streaming`` reads files as
+    a stream instead of through the ``datasets`` Arrow cache (which copies the corpus to
+    disk once); the packing is the same. ``separator`` is the token id put after every
+    document (default EOS); ``pack=False`` keeps one document per sequence, cut at
+    ``seq_len`` tokens with a warning.
     """
     target = Path(workdir) / "corpus"
+    documents = corpus_path
+    if has_names(corpus_path) or (is_paths(corpus_path) and (split or dataset_config)):
+        documents = load_documents(corpus_path, text_field, streaming, split=split,
+                                   dataset_config=dataset_config, download=download)
     with rank_zero_first():  # under torchrun, rank 0 packs and the others reuse it
-        if PackedCorpus.matches(target, corpus_path, tokenizer, seq_len, text_field=text_field):
+        if PackedCorpus.matches(target, documents, tokenizer, seq_len, separator, text_field,
+                                pack):
             try:
                 corpus = PackedCorpus.load(target)
                 if len(corpus):
@@ -104,10 +127,16 @@ def prepare_corpus(
                 return corpus
             except DatasleuthError as e:
                 say(f"packing again: {e}")
-        corpus = pack_corpus(corpus_path, tokenizer, seq_len=seq_len, output_dir=target,
-                             progress=progress, text_field=text_field, streaming=streaming)
+        corpus = pack_corpus(documents, tokenizer, seq_len=seq_len, output_dir=target,
+                             progress=progress, text_field=text_field, streaming=streaming,
+                             separator_token_id=separator, pack=pack)
         say(f"packed {corpus.num_documents} documents into {len(corpus)} sequences of "
-            f"{seq_len} tokens -> {target}")
+            f"{seq_len} tokens" + ("" if pack else " (one document each)") + f" -> {target}")
+        cut = corpus.metadata.get("truncated_documents", 0)
+        if cut:
+            say(f"warning: {cut} documents are longer than {seq_len} tokens and were cut there "
+                f"({corpus.metadata['truncated_tokens']} tokens left out); raise --seq-len to "
+                "keep them whole")
         return corpus
 
 
@@ -368,7 +397,7 @@ def run_trace(
     tokenizer: Any,
     corpus: PackedCorpus,
     curvature: Curvature,
-    queries_path: str | Path,
+    queries: Any,
     out_dir: str | Path,
     config: TraceConfig,
     *,
@@ -383,7 +412,11 @@ def run_trace(
     approximate: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trace every query through the corpus; write results.json (reused if inputs match).
+    """Trace every query through the corpus; write results.json (reused if inputs match)
+    and its long table results.parquet (:mod:`datasleuth.lm.tables`).
+
+    ``queries`` is what :func:`~datasleuth.lm.load_queries` reads: a JSON Lines path, a
+    list of dicts or Query objects (chat transcripts included), a ``datasets.Dataset``.
 
     Three ways to find each query's candidates, all ending in exact scores:
 
@@ -403,14 +436,14 @@ def run_trace(
         raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
     rescore = max(rescore, config.top_k, config.bottom_k)
     out = Path(out_dir)
-    queries = load_queries(queries_path)
+    queries = render_chat(load_queries(queries), tokenizer)
     index_obj = open_corpus_index(index, model, corpus) if index is not None else None
     key = _trace_key(queries, corpus, curvature, config, candidates_k=candidates_k,
                      all_scores=all_scores, rank=rank, rescore=rescore, index=index_obj,
                      approximate=approximate)
     previous = _reusable(out / "results.json", key)
     if previous is not None:
-        return previous
+        return _written(previous, corpus, out, table_only=True)
     job, warnings = _trace_job(model, tokenizer, corpus, curvature, queries, config, out,
                                {"model": model_name, "corpus": corpus_name, "input_digest": key},
                                candidates_k=candidates_k, workdir=workdir or out,
@@ -421,8 +454,18 @@ def run_trace(
                              candidates_k=candidates_k, layers=curvature.layer_names,
                              first_stage=first.stage if first else {"kind": "full"},
                              corpus_fingerprint=corpus.fingerprint, seq_len=corpus.seq_len)
+    return _written(results, corpus, out)
+
+
+def _written(results: dict[str, Any], corpus: PackedCorpus, out: Path, table_only: bool = False
+             ) -> dict[str, Any]:
+    """``results`` after rank 0 wrote OUT/results.parquet and (last: the marker a re-run
+    reuses) OUT/results.json; with ``table_only``, the table alone if it is missing."""
     if world()[0] == 0:
-        write_json(out / "results.json", results)
+        if not table_only or not (out / "results.parquet").is_file():
+            write_results_table(results, corpus, out / "results.parquet")
+        if not table_only:
+            write_json(out / "results.json", results)
     barrier()
     return results
 
@@ -442,85 +485,3 @@ def _find_and_score(job: TraceJob, index: GradientIndex | None, directory: str |
     if resumed_at:
         say(f"resumed the scan after {resumed_at} sequences")
     return results, None
-
-
-def run_self_influence(
-    model: nn.Module,
-    corpus: PackedCorpus,
-    curvature: Curvature,
-    out_dir: str | Path,
-    top_k: int = 50,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Rank every packed sequence by self-influence ∇Lᵀ(G + λI)⁻¹∇L (METHOD.md §8).
-
-    High self-influence marks sequences the model could not fit from the rest of the
-    data: mislabeled, corrupt or unusual text (Koh & Liang 2017; Grosse et al. 2023).
-    Writes ``OUT/self_influence.parquet`` (every sequence: score, per-layer scores and
-    training loss, the simpler baseline) and ``OUT/self_influence.json`` (the top-k
-    with their text and source documents); returns the latter. Under torch.distributed
-    each process scores its block of the corpus and rank 0 writes the files.
-    """
-    check_context(model, corpus.seq_len)
-    scores, loss = _all_self_influence(model, corpus, curvature, batch_size, progress)
-    if world()[0] != 0:
-        barrier()
-        return {"top": [], "n_sequences": len(corpus)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_self_influence_table(out / "self_influence.parquet", scores, loss)
-    doc = {"format_version": 1, "tool": "datasleuth", "kind": "self_influence",
-           "curvature": curvature.metadata.get("config"), "layer_names": scores.layer_names,
-           "n_sequences": len(corpus), "top": _self_influence_top(corpus, scores, loss, top_k)}
-    write_json(out / "self_influence.json", doc)
-    barrier()
-    return doc
-
-
-def _all_self_influence(model: nn.Module, corpus: PackedCorpus, curvature: Curvature,
-                        batch_size: int, progress: bool) -> tuple[Scores, Tensor]:
-    """Self-influence and loss of every sequence, each process scoring its block."""
-    from datasleuth.scoring import self_influence
-
-    block = list(shard(len(corpus)))  # this process's sequences (all of them alone)
-    loader = DataLoader(block, batch_size=batch_size, collate_fn=corpus.collate)
-    parts: list[tuple[Tensor, Tensor, Tensor]] = []
-    names: list[str] = list(curvature.layer_names)
-    if block:
-        scores = self_influence(model, CausalLMTask(), curvature, loader, progress=progress)
-        names = scores.layer_names
-        parts.append((scores.total.double(), scores.per_layer.double(), scores.loss.double()))
-    gathered = [p for ps in gather_objects(parts) for p in ps]  # blocks in rank order
-    scores = Scores(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
-                    names)
-    return scores, torch.cat([g[2] for g in gathered])
-
-
-def _write_self_influence_table(path: Path, scores: Scores, loss: Tensor) -> None:
-    """Every sequence's self-influence, per-layer scores and loss as Parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {"sequence": pa.array(np.arange(len(loss), dtype=np.int64)),
-            "self_influence": pa.array(scores.total.double().numpy()),
-            "loss": pa.array(loss.numpy())}
-    for j, name in enumerate(scores.layer_names):
-        cols[f"layer:{name}"] = pa.array(scores.per_layer[:, j].double().numpy())
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.table(cols), str(tmp))
-
-
-def _self_influence_top(corpus: PackedCorpus, scores: Scores, loss: Tensor, top_k: int
-                        ) -> list[dict[str, Any]]:
-    """The ``top_k`` sequences by self-influence with their loss rank, text and documents."""
-    order = torch.argsort(-scores.total.double(), stable=True)[:top_k].tolist()
-    rank_by_loss = torch.argsort(torch.argsort(-loss, stable=True), stable=True)
-    rows = []
-    for r, i in enumerate(order):
-        docs = sorted({int(seg.doc_index) for seg in corpus.segments(i)})
-        rows.append({"rank": r + 1, "index": int(i), "self_influence": float(scores.total[i]),
-                     "layer_scores": [float(x) for x in scores.per_layer[i]],
-                     "loss": float(loss[i]), "loss_rank": int(rank_by_loss[i]) + 1,
-                     "documents": docs, "text": corpus.text(i)})
-    return rows

@@ -13,13 +13,21 @@ still predicted from something. Note that tokenising separately can differ from
 tokenising ``prompt + completion`` in one go (e.g. a word split across the boundary);
 put the boundary at a space, with the space at the start of the completion, for
 byte-level BPE tokenizers such as GPT-2's.
+
+Chat transcripts (``{"messages": [...]}``) are rendered with the tokenizer's chat
+template (:func:`render_chat`): the prompt is everything before the last assistant turn
+(with the generation prompt), the completion that turn. They are tokenised as *one*
+text -- exactly the tokens the rendered transcript has -- and split where the prompt's
+characters end (a token spanning that point counts to the completion); no BOS is
+added, the template writes its own. Queries may come from a file, a list of dicts or
+:class:`Query` objects, or a ``datasets.Dataset`` (:func:`load_queries`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +36,7 @@ import torch
 
 from datasleuth.errors import DatasleuthError
 
-__all__ = ["Query", "load_queries", "encode_queries", "collate_queries"]
+__all__ = ["Query", "load_queries", "render_chat", "encode_queries", "collate_queries"]
 
 
 @dataclass(frozen=True)
@@ -36,25 +44,74 @@ class Query:
     """One query: the text given to the model and the completion whose probability is measured.
 
     ``line`` is the 1-based line of the query file it came from (``None`` if built in code).
+    ``messages`` is the chat transcript of a chat query (``None`` otherwise): its
+    ``prompt`` and ``completion`` are then the transcript rendered with the tokenizer's
+    chat template (:func:`render_chat`), everything before the last assistant turn and
+    that turn.
     """
 
     prompt: str
     completion: str
     id: str
     line: int | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
 
 
-def load_queries(path: str | os.PathLike) -> list[Query]:
-    """Read queries from a JSON Lines file of ``{"prompt", "completion", optional "id"}``.
+_SHAPE = ('like {"prompt": "...", "completion": "..."} or {"messages": [{"role": ..., '
+          '"content": ...}, ...]}')
 
-    Blank lines are skipped. A missing ``id`` becomes the query's 0-based position
-    (as a string); ids must be unique.
+
+def load_queries(source: Any) -> list[Query]:
+    """Queries from a JSON Lines file, a list of dicts or :class:`Query` objects, or a
+    ``datasets.Dataset`` (rows as dicts).
+
+    A query is ``{"prompt", "completion", optional "id"}`` or a chat transcript
+    ``{"messages": [{"role", "content"}, ...], optional "id"}`` whose last message is
+    the assistant's (rendered later, with the tokenizer, by :func:`render_chat`). Blank
+    lines are skipped. A missing ``id`` becomes the query's 0-based position (as a
+    string); ids must be unique.
     """
-    p = Path(path)
+    if isinstance(source, (str, os.PathLike)):
+        return _load_file(Path(source))
+    if isinstance(source, Mapping) or not _iterable(source):
+        raise DatasleuthError(f"queries must be a JSON Lines path, a list of dicts or Query "
+                              f"objects, or a datasets.Dataset; got {type(source).__name__}")
+    queries: list[Query] = []
+    seen: dict[str, str] = {}
+    for pos, item in enumerate(source):
+        where = f"query {pos}"
+        if isinstance(item, Query):
+            q = Query(item.prompt, item.completion, item.id, item.line, item.messages)
+            _check_query(q, where)
+        elif isinstance(item, Mapping):
+            q = _from_dict(item, where, len(queries), None)
+        else:
+            raise DatasleuthError(f"{where} is a {type(item).__name__}; give dicts {_SHAPE} or "
+                                  "Query objects")
+        _unique(q.id, where, seen, f"by {where}")
+        queries.append(q)
+    if not queries:
+        raise DatasleuthError(f"no queries given; pass at least one, {_SHAPE}")
+    return queries
+
+
+def _iterable(source: Any) -> bool:
+    return hasattr(source, "__iter__") and not isinstance(source, (bytes, str))
+
+
+def _unique(qid: str, where: str, seen: dict[str, str], label: str) -> None:
+    if qid in seen:
+        raise DatasleuthError(f"{where}: query id {qid!r} is already used {seen[qid]}; give "
+                              "every query a unique id")
+    seen[qid] = label
+
+
+def _load_file(p: Path) -> list[Query]:
+    """Queries of a JSON Lines file."""
     if not p.is_file():
         raise DatasleuthError(f"query file {p} does not exist; check the path")
     queries: list[Query] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     with open(p, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -64,50 +121,101 @@ def load_queries(path: str | os.PathLike) -> list[Query]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DatasleuthError(
-                    f"{where}: malformed JSON ({e.msg}); write one object per line like "
-                    '{"prompt": "...", "completion": "..."}'
+                    f"{where}: malformed JSON ({e.msg}); write one object per line {_SHAPE}"
                 ) from e
             if not isinstance(obj, dict):
-                raise DatasleuthError(
-                    f"{where}: expected a JSON object, got {type(obj).__name__}; write one object "
-                    'per line like {"prompt": "...", "completion": "..."}'
-                )
-            for key in ("prompt", "completion"):
-                if key not in obj:
-                    raise DatasleuthError(
-                        f"{where}: the query has no {key!r} key "
-                        f"(keys: {', '.join(obj) or 'none'}); "
-                        'give every line a "prompt" and a "completion"'
-                    )
-                if not isinstance(obj[key], str):
-                    raise DatasleuthError(
-                        f"{where}: {key!r} is {type(obj[key]).__name__}, not a string; quote it "
-                        "as a JSON string"
-                    )
-            if obj["completion"] == "":
-                raise DatasleuthError(
-                    f"{where}: query on line {lineno} has an empty completion; the measurement "
-                    "log p(completion|prompt) needs at least one completion token"
-                )
-            raw_id = obj.get("id", len(queries))
-            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-                raise DatasleuthError(
-                    f"{where}: 'id' is {type(raw_id).__name__}; use a string or an integer"
-                )
-            qid = str(raw_id)
-            if qid in seen:
-                raise DatasleuthError(
-                    f"{where}: query id {qid!r} is already used on line {seen[qid]}; give every "
-                    "query a unique id"
-                )
-            seen[qid] = lineno
-            queries.append(Query(obj["prompt"], obj["completion"], qid, lineno))
+                raise DatasleuthError(f"{where}: expected a JSON object, got "
+                                      f"{type(obj).__name__}; write one object per line {_SHAPE}")
+            q = _from_dict(obj, where, len(queries), lineno)
+            _unique(q.id, where, seen, f"on line {lineno}")
+            queries.append(q)
     if not queries:
-        raise DatasleuthError(
-            f"query file {p} holds no queries; add lines like "
-            '{"prompt": "...", "completion": "..."}'
-        )
+        raise DatasleuthError(f"query file {p} holds no queries; add lines {_SHAPE}")
     return queries
+
+
+def _from_dict(obj: Mapping[str, Any], where: str, position: int, line: int | None) -> Query:
+    """A :class:`Query` from one dict (a plain query or a chat transcript), checked."""
+    raw_id = obj.get("id", position)
+    if raw_id is None:
+        raw_id = position
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise DatasleuthError(f"{where}: 'id' is {type(raw_id).__name__}; use a string or an "
+                              "integer")
+    if obj.get("messages") is not None and "prompt" not in obj:
+        messages = _check_messages(obj["messages"], where)
+        return Query("", "", str(raw_id), line, messages)
+    for key in ("prompt", "completion"):
+        if key not in obj:
+            raise DatasleuthError(
+                f"{where}: the query has no {key!r} key (keys: {', '.join(obj) or 'none'}); "
+                f"give every query a \"prompt\" and a \"completion\", or \"messages\""
+            )
+    q = Query(obj["prompt"], obj["completion"], str(raw_id), line)
+    _check_query(q, where)
+    return q
+
+
+def _check_query(q: Query, where: str) -> None:
+    if q.messages is not None:
+        _check_messages(list(q.messages), where)
+        return
+    for key, value in (("prompt", q.prompt), ("completion", q.completion)):
+        if not isinstance(value, str):
+            raise DatasleuthError(f"{where}: {key!r} is {type(value).__name__}, not a string; "
+                                  "quote it as a JSON string")
+    if q.completion == "":
+        raise DatasleuthError(
+            f"{where}: the query has an empty completion; the measurement "
+            "log p(completion|prompt) needs at least one completion token"
+        )
+
+
+def _check_messages(messages: Any, where: str) -> tuple[dict[str, Any], ...]:
+    """A chat transcript: role/content dicts, the last one the assistant's, non-empty."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise DatasleuthError(f"{where}: 'messages' must be a non-empty list of "
+                              '{"role": ..., "content": ...} objects')
+    for k, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise DatasleuthError(f"{where}: message {k} is not an object with string 'role' "
+                                  "and 'content'; write {\"role\": \"user\", \"content\": "
+                                  "\"...\"}")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+        raise DatasleuthError(f"{where}: the last message must be the assistant's, with text: "
+                              "its content is the completion whose probability is measured")
+    return tuple(dict(m) for m in messages)
+
+
+def render_chat(queries: Sequence[Query], tokenizer: Any) -> list[Query]:
+    """Chat queries with ``prompt``/``completion`` rendered by the tokenizer's chat template.
+
+    The prompt is the transcript before the last (assistant) message rendered with the
+    generation prompt (``add_generation_prompt=True``); the completion is the rest of
+    the rendered whole transcript (the assistant's text and the template's end-of-turn
+    markup). Other queries are returned unchanged.
+    """
+    out = []
+    for q in queries:
+        if q.messages is None:
+            out.append(q)
+            continue
+        where = f"query {q.id!r}" + (f" (line {q.line})" if q.line is not None else "")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DatasleuthError(f"{where} is a chat transcript but the tokenizer has no chat "
+                                  "template; set tokenizer.chat_template or give a prompt and "
+                                  "a completion")
+        history = [dict(m) for m in q.messages]
+        full = tokenizer.apply_chat_template(history, tokenize=False)
+        prompt = tokenizer.apply_chat_template(history[:-1], tokenize=False,
+                                               add_generation_prompt=True)
+        if not full.startswith(prompt) or len(full) == len(prompt):
+            raise DatasleuthError(f"{where}: the chat template does not render the transcript "
+                                  "as its prompt followed by the last assistant turn; give the "
+                                  "rendered prompt and completion instead")
+        out.append(Query(prompt, full[len(prompt):], q.id, q.line, q.messages))
+    return out
 
 
 def _prefix_ids(tokenizer: Any) -> list[int]:
@@ -153,19 +261,18 @@ def encode_queries(
     prefix = _prefix_ids(tokenizer)
     start = prefix or ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else
                        [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    fast = bool(getattr(tokenizer, "is_fast", False))
     out: list[dict[str, Any]] = []
     for index, q in enumerate(queries):
         where = f"query {q.id!r}" + (f" (line {q.line})" if q.line is not None else "")
-        prompt_ids = list(tokenizer(q.prompt, add_special_tokens=False)["input_ids"])
-        enc = tokenizer(q.completion, add_special_tokens=False, return_offsets_mapping=fast)
-        comp_ids = list(enc["input_ids"])
+        if q.messages is None:
+            head, comp_ids, pieces = _encode_plain(tokenizer, q, prefix)
+        else:
+            head, comp_ids, pieces = _encode_chat(tokenizer, q, where)
         if not comp_ids:
             raise DatasleuthError(
                 f"{where}: the completion {q.completion!r} encodes to zero tokens; the "
                 "measurement needs at least one completion token, so give a completion with text"
             )
-        head = prefix + prompt_ids
         if not head:
             if not start:
                 raise DatasleuthError(
@@ -187,11 +294,47 @@ def encode_queries(
             "id": q.id,
             "prompt_length": len(head),
             "completion_ids": comp_ids,
-            "completion_tokens": _pieces(tokenizer, q.completion, comp_ids,
-                                         enc.get("offset_mapping") if fast else None),
+            "completion_tokens": pieces,
             "pad_token_id": int(pad),
         })
     return out
+
+
+def _encode_plain(tokenizer: Any, q: Query, prefix: list[int]
+                  ) -> tuple[list[int], list[int], list[str]]:
+    """(prompt ids with the tokenizer's BOS, completion ids, completion pieces), tokenised
+    separately so that the boundary is exact."""
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    prompt_ids = list(tokenizer(q.prompt, add_special_tokens=False)["input_ids"])
+    enc = tokenizer(q.completion, add_special_tokens=False, return_offsets_mapping=fast)
+    comp_ids = list(enc["input_ids"])
+    pieces = _pieces(tokenizer, q.completion, comp_ids,
+                     enc.get("offset_mapping") if fast else None)
+    return prefix + prompt_ids, comp_ids, pieces
+
+
+def _encode_chat(tokenizer: Any, q: Query, where: str
+                 ) -> tuple[list[int], list[int], list[str]]:
+    """(prompt ids, completion ids, completion pieces) of a chat query: the rendered
+    transcript tokenised as one text, as the model reads it (no BOS is added: the chat
+    template writes its own), split where the prompt's text ends. A token that spans
+    that point belongs to the completion."""
+    if not q.prompt and not q.completion:
+        q = render_chat([q], tokenizer)[0]
+    text, boundary = q.prompt + q.completion, len(q.prompt)
+    if not getattr(tokenizer, "is_fast", False):
+        prompt_ids = list(tokenizer(q.prompt, add_special_tokens=False)["input_ids"])
+        comp_ids = list(tokenizer(q.completion, add_special_tokens=False)["input_ids"])
+        if prompt_ids + comp_ids != list(tokenizer(text, add_special_tokens=False)["input_ids"]):
+            raise DatasleuthError(f"{where}: the rendered prompt and completion tokenise "
+                                  "differently apart than together; load a fast tokenizer "
+                                  "(use_fast=True) so the transcript can be split by offsets")
+        return prompt_ids, comp_ids, [tokenizer.decode([t]) for t in comp_ids]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    k = next((t for t, (_, end) in enumerate(offsets) if end > boundary), len(ids))
+    pieces = _pieces(tokenizer, text, ids, offsets)[k:]
+    return ids[:k], ids[k:], pieces
 
 
 def collate_queries(

@@ -28,7 +28,6 @@ from datasleuth.curvature import Curvature
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig, scan_corpus, trace_details
-from datasleuth.progress import progress_bar
 from datasleuth.scoring import precondition_queries
 
 if TYPE_CHECKING:
@@ -158,16 +157,18 @@ def rescore_by_chunks(job: TraceJob, first: FirstStage) -> dict[str, Any]:
     """
     doc: dict[str, Any] | None = None
     first_query = 0
-    for batch in progress_bar(job.batches, desc="re-score (full rank)", enabled=job.progress,
-                              unit="query batch"):
+    for batch in job.batches:  # the scan of each batch's candidates shows its own progress
         nq = int(batch["input_ids"].shape[0])
         pre = precondition_queries(job.model, CausalLMTask(), job.curvature, [batch])
         part = slice(first_query, first_query + nq)
         scan = scan_corpus(job.model, pre, job.corpus, job.config,
-                           candidates=first.candidates[part], progress=False)
+                           candidates=first.candidates[part], progress=job.progress)
+        rescored = list(scan.scanned)
         scan.samples, scan.scanned = first.samples[part], first.scanned[part]
         chunk = trace_details(job.model, pre, job.corpus, scan, job.rows[part], job.config,
                               job.header, rescored=True)
+        for query, n in zip(chunk["queries"], rescored, strict=True):
+            query["n_rescored"] = int(n)  # sequences given exact scores (n_scanned: stage 1)
         if doc is None:
             doc = chunk
         else:

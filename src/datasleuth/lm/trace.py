@@ -29,7 +29,8 @@ from datasleuth.lm.task import CausalLMTask
 from datasleuth.scoring import scan_scores, token_scores
 from datasleuth.storage import load_tensors, replace_durably, save_tensors
 
-__all__ = ["TraceConfig", "RunningTopK", "scan_corpus", "trace_details", "TOKEN_OFFSET_NOTE"]
+__all__ = ["TraceConfig", "RunningTopK", "scan_corpus", "trace_details", "sequence_documents",
+           "TOKEN_OFFSET_NOTE"]
 
 TOKEN_OFFSET_NOTE = (
     "The heat on token t is the weight update that pairs the layer input at t with the "
@@ -383,13 +384,15 @@ def _token_heat(model: nn.Module, preconditioned: dict[str, Tensor], corpus: Pac
     return tokens
 
 
-def _documents(corpus: PackedCorpus, i: int) -> list[dict[str, int]]:
-    """The documents sequence ``i`` was cut from, first piece of each, in order."""
+def sequence_documents(corpus: PackedCorpus, i: int) -> list[dict[str, Any]]:
+    """The documents sequence ``i`` was cut from, first piece of each, in order: doc_index,
+    the characters of the piece and the corpus's own columns (``id``, ``title``...)."""
     docs, seen = [], set()
     for seg in corpus.segments(i):
         if seg.doc_index not in seen:
             seen.add(seg.doc_index)
-            docs.append({"doc_index": int(seg.doc_index), "char_start": int(seg.char_start),
+            docs.append({**corpus.document_fields(seg.doc_index),
+                         "doc_index": int(seg.doc_index), "char_start": int(seg.char_start),
                          "char_end": int(seg.char_end)})
     return docs
 
@@ -403,7 +406,7 @@ def _sequence_row(corpus: PackedCorpus, heat: Tensor, rank: int, i: int, score: 
     ratio = float(a.norm()) / l1 if l1 > 0 else 0.0
     return {
         "rank": rank, "index": int(i), "score": float(score),
-        "layer_scores": [float(x) for x in layers], "documents": _documents(corpus, i),
+        "layer_scores": [float(x) for x in layers], "documents": sequence_documents(corpus, i),
         "tokens": [p for p, _, _ in pieces], "token_scores": a.tolist(),
         "spurious": ratio > SPURIOUS_RATIO, "token_offset_note": note,
     }

@@ -32,7 +32,13 @@ from datasleuth.fitting import FitConfig
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.methods import TraceMethod, run_baseline_trace, trace_method
-from datasleuth.lm.model import context_length, default_layers, load_model
+from datasleuth.lm.model import (
+    check_token_ids,
+    context_length,
+    default_layers,
+    embedding_rows,
+    load_model,
+)
 from datasleuth.lm.pipeline import (
     DEFAULT_RESCORE,
     build_corpus_index,
@@ -41,10 +47,10 @@ from datasleuth.lm.pipeline import (
     fit_factors,
     open_corpus_index,
     prepare_corpus,
-    run_self_influence,
     run_trace,
 )
 from datasleuth.lm.queries import encode_queries, load_queries
+from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.scale.index import GradientIndex, IndexConfig
 
@@ -84,19 +90,32 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # normalising a frozen dataclass field
 
 
+def _is_dataset(value: Any) -> bool:
+    import datasets
+
+    return isinstance(value, (datasets.Dataset, datasets.IterableDataset))
+
+
 @dataclass(frozen=True)
 class LoadOptions:
-    """What to load: a local causal LM folder, the layers to track, the corpus to pack.
+    """What to load: a causal LM, its tokenizer, the layers to track, the corpus to pack.
 
-    ``model`` and each corpus path are kept as given (as strings); ``corpus`` may be one
-    path or several. ``layers`` are glob patterns over module names (empty: the MLP
-    layers, plus attention projections with ``attention``). ``seq_len`` ``None`` packs
-    512 tokens, or the model's context if shorter. ``workdir`` keeps the packed corpus
-    and fitted factors for reuse.
+    ``model`` (and ``tokenizer``, default: the model's own) is a local folder or a Hub
+    id found in the Hugging Face cache; ``download`` lets a missing Hub id or
+    ``datasets`` name be fetched. ``corpus`` is one reference or several: files,
+    folders, ``save_to_disk`` folders, ``datasets`` names (``split`` and
+    ``dataset_config`` pick the split and configuration) or ``datasets.Dataset``
+    objects; paths and names are kept as strings. ``layers`` are glob patterns over
+    module names (empty: the MLP layers, plus attention projections with
+    ``attention``). ``seq_len`` ``None`` packs 512 tokens, or the model's context if
+    shorter. ``separator`` is the token put after every document (a token string or
+    id; default EOS); ``pack=False`` keeps one document per sequence (padded, cut at
+    ``seq_len`` with a warning). ``workdir`` keeps the packed corpus and fitted factors
+    for reuse.
     """
 
     model: str | os.PathLike[str]
-    corpus: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+    corpus: Any
     workdir: str | os.PathLike[str] = "datasleuth-work"
     layers: Sequence[str] = ()
     attention: bool = False
@@ -106,13 +125,21 @@ class LoadOptions:
     seq_len: int | None = None
     text_field: str = "text"
     streaming: bool = False
+    tokenizer: str | os.PathLike[str] | None = None
+    download: bool = False
+    separator: int | str | None = None
+    pack: bool = True
+    split: str | None = None
+    dataset_config: str | None = None
 
     def __post_init__(self) -> None:
-        paths = ((self.corpus,) if isinstance(self.corpus, (str, os.PathLike))
-                 else tuple(self.corpus))
-        _set(self, "corpus", tuple(os.fspath(p) for p in paths))
+        single = isinstance(self.corpus, (str, os.PathLike)) or _is_dataset(self.corpus)
+        refs = (self.corpus,) if single else tuple(self.corpus)
+        _set(self, "corpus", tuple(r if _is_dataset(r) else os.fspath(r) for r in refs))
         _set(self, "model", os.fspath(self.model))
         _set(self, "workdir", os.fspath(self.workdir))
+        if self.tokenizer is not None:
+            _set(self, "tokenizer", os.fspath(self.tokenizer))
         _set(self, "layers", (self.layers,) if isinstance(self.layers, str)
              else tuple(self.layers))
         if not self.corpus:
@@ -121,6 +148,15 @@ class LoadOptions:
             raise DatasleuthError(f"dtype must be one of {', '.join(DTYPES)}, got "
                                   f"{self.dtype!r}")
         _positive(self.seq_len, "seq_len", least=2)
+        if isinstance(self.separator, str) and not self.separator:
+            raise DatasleuthError("separator is empty; give a token (e.g. '<|endoftext|>') or "
+                                  "its id")
+
+    @property
+    def corpus_name(self) -> str:
+        """The corpus as the results name it."""
+        return ", ".join(r if isinstance(r, str) else f"<{type(r).__name__} of "
+                         f"{getattr(r, 'num_rows', '?')} rows>" for r in self.corpus)
 
 
 @dataclass(frozen=True)
@@ -163,17 +199,20 @@ class Candidates:
 
 @dataclass(frozen=True)
 class TraceOptions:
-    """What to trace and where: the queries JSONL, the output folder, how to scan.
+    """What to trace and where: the queries, the output folder, how to scan.
 
-    ``out`` receives ``results.json`` and, with ``report``, ``report.html``;
-    ``all_scores`` also streams every score to ``out/scores/`` (Parquet parts).
+    ``queries`` is a JSON Lines path, a list of dicts or :class:`~datasleuth.lm.Query`
+    objects, or a ``datasets.Dataset`` (:func:`~datasleuth.lm.load_queries`). ``out``
+    receives ``results.json``, the long table ``results.parquet`` and, with
+    ``report``, ``report.html``; ``all_scores`` also streams every score to
+    ``out/scores/`` (Parquet parts).
     ``method`` (:data:`~datasleuth.lm.methods.TRACE_METHODS`: ekfac, kfac, diagonal, dot,
     cosine, repsim, bm25) is one method per run; ``None`` follows the fitted curvature.
     To compare methods, trace each into its own ``out`` (the packed corpus and factors
     in the work directory are reused) and tail-patch the results together.
     """
 
-    queries: str | os.PathLike[str]
+    queries: Any
     out: str | os.PathLike[str] = "datasleuth-out"
     config: TraceConfig = field(default_factory=TraceConfig)
     candidates: Candidates = field(default_factory=Candidates)
@@ -182,7 +221,8 @@ class TraceOptions:
     method: str | None = None
 
     def __post_init__(self) -> None:
-        _set(self, "queries", os.fspath(self.queries))
+        if isinstance(self.queries, (str, os.PathLike)):
+            _set(self, "queries", os.fspath(self.queries))
         _set(self, "out", os.fspath(self.out))
         if self.all_scores and self.candidates.index is not None:
             raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
@@ -194,6 +234,10 @@ class TraceOptions:
     @property
     def results_path(self) -> Path:
         return Path(self.out) / "results.json"
+
+    @property
+    def table_path(self) -> Path:
+        return Path(self.out) / "results.parquet"
 
     @property
     def report_path(self) -> Path:
@@ -283,19 +327,51 @@ class Inputs:
 
 
 def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
-    """Load the model and tokenizer, choose the layers, pack (or reuse) the corpus."""
+    """Load and check the model and tokenizer, choose the layers, pack (or reuse) the corpus.
+
+    A tokenizer that cannot be the model's, a separator outside its vocabulary and a
+    packing with token ids outside it are refused here, before any fitting.
+    """
     model, tokenizer = load_model(options.model, dtype=options.dtype,
                                   device=local_device(options.device),
-                                  trust_remote_code=options.trust_remote_code)
+                                  trust_remote_code=options.trust_remote_code,
+                                  download=options.download, tokenizer=options.tokenizer)
     seq_len = options.seq_len
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, context_length(model) or DEFAULT_SEQ_LEN)
     check_context(model, seq_len)  # before packing
     layers = default_layers(model, include=options.layers or None, attention=options.attention)
-    paths = [Path(p) for p in options.corpus]
-    corpus = prepare_corpus(paths if len(paths) > 1 else paths[0], tokenizer, options.workdir,
-                            seq_len, options.text_field, progress, options.streaming)
+    separator = separator_token(tokenizer, options.separator, embedding_rows(model))
+    refs = [r if _is_dataset(r) else Path(r) for r in options.corpus]
+    corpus = prepare_corpus(refs if len(refs) > 1 else refs[0], tokenizer, options.workdir,
+                            seq_len, options.text_field, progress, options.streaming,
+                            separator=separator, pack=options.pack, split=options.split,
+                            dataset_config=options.dataset_config, download=options.download)
+    check_token_ids(embedding_rows(model), [corpus.metadata.get("max_token_id", -1)],
+                    "the packed corpus holds token id", "re-pack it with the model's own "
+                    "tokenizer (--tokenizer FOLDER)")
     return Inputs(model, tokenizer, layers, corpus)
+
+
+def separator_token(tokenizer: Any, separator: int | str | None, rows: int | None
+                    ) -> int | None:
+    """The id of ``separator`` (a token string or an id, as int or digits), checked
+    against the vocabulary; ``None`` keeps the tokenizer's EOS token."""
+    if separator is None:
+        return None
+    text = str(separator)
+    if isinstance(separator, int) or text.isdigit():
+        token_id = int(text)
+    else:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        unk = getattr(tokenizer, "unk_token", None)
+        if token_id is None or (token_id == tokenizer.unk_token_id and text != unk):
+            raise DatasleuthError(f"--separator {text!r} is not a token of the tokenizer's "
+                                  "vocabulary; give one token (e.g. its EOS token "
+                                  f"{getattr(tokenizer, 'eos_token', None)!r}) or a token id")
+    check_token_ids(rows if rows is not None else len(tokenizer), [token_id],
+                    "--separator is token id", "give a token id inside the vocabulary")
+    return int(token_id)
 
 
 def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool
@@ -338,7 +414,7 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
             curvature = method.precondition(inputs.model, inputs.corpus, curvature)
     else:
         curvature = None
-    results = _trace(inputs, curvature, method, load, options, progress)
+    results = _trace(inputs, curvature, method, queries, load, options, progress)
     if options.report and world()[0] == 0:
         from datasleuth.report import render_report
 
@@ -354,19 +430,19 @@ def _trace_method(options: TraceOptions, fitting: FitOptions) -> TraceMethod:
     return trace_method("dot" if kind == "identity" else kind)
 
 
-def _trace(inputs: Inputs, curvature: Any, method: TraceMethod, load: LoadOptions,
-           options: TraceOptions, progress: bool) -> dict[str, Any]:
+def _trace(inputs: Inputs, curvature: Any, method: TraceMethod, queries: Any,
+           load: LoadOptions, options: TraceOptions, progress: bool) -> dict[str, Any]:
     """Run the trace of an influence method (``curvature`` given) or of a baseline."""
     stage = options.candidates
     if curvature is None:
         return run_baseline_trace(inputs.model, inputs.tokenizer, inputs.corpus, method,
-                                  inputs.layers, options.queries, options.out, options.config,
-                                  model_name=str(load.model), corpus_name=", ".join(load.corpus),
+                                  inputs.layers, queries, options.out, options.config,
+                                  model_name=str(load.model), corpus_name=load.corpus_name,
                                   candidates_k=stage.bm25, workdir=load.workdir,
                                   all_scores=options.all_scores, progress=progress)
     return run_trace(inputs.model, inputs.tokenizer, inputs.corpus, curvature,
-                     options.queries, options.out, options.config,
-                     model_name=str(load.model), corpus_name=", ".join(load.corpus),
+                     queries, options.out, options.config,
+                     model_name=str(load.model), corpus_name=load.corpus_name,
                      candidates_k=stage.bm25, workdir=load.workdir,
                      all_scores=options.all_scores, rank=stage.rank, index=stage.index,
                      rescore=stage.rescore, approximate=stage.approximate, progress=progress)

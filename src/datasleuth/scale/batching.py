@@ -340,7 +340,8 @@ def compress_queries(
     and, when it has one, its model fingerprint.
     """
     parts = []
-    for batch in progress_bar(queries, desc="compress queries", enabled=progress):
+    for batch in progress_bar(queries, desc="compress queries", enabled=progress,
+                              unit="query"):
         pre = precondition_queries(model, task, curvature, [batch], progress=False)
         parts.append(LowRankQueries.from_preconditioned(pre, rank))
     if not parts:

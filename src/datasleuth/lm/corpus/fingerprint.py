@@ -16,7 +16,14 @@ from typing import Any
 
 from datasleuth.errors import DatasleuthError
 from datasleuth.lm.corpus.layout import CORPUS_FORMAT_VERSION
-from datasleuth.lm.corpus.readers import SOURCES_ATTR, expand_paths, is_paths, iter_batches
+from datasleuth.lm.corpus.readers import (
+    SOURCES_ATTR,
+    expand_paths,
+    has_names,
+    is_paths,
+    iter_batches,
+    load_documents,
+)
 
 __all__ = ["corpus_fingerprint", "tokenizer_info"]
 
@@ -46,8 +53,8 @@ def separator_id(tokenizer: Any, separator_token_id: int | None) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DatasleuthError(
-            "the tokenizer has no EOS token to put between documents; pass separator_token_id "
-            "(or set tokenizer.eos_token)"
+            "the tokenizer has no EOS token to put between documents; name one with "
+            "--separator TOKEN (separator_token_id= in Python)"
         )
     return int(eos)
 
@@ -80,14 +87,16 @@ def source_key(sources: Sequence[str]) -> str:
     return "files:" + h.hexdigest()
 
 
-def fingerprint(source: str, info: dict, seq_len: int, separator: int, text_field: str) -> str:
-    """32 hex digits naming a packing of ``source`` (a source key) with these settings."""
-    payload = json.dumps(
-        {"format": CORPUS_FORMAT_VERSION, "source": source, "seq_len": seq_len,
-         "separator": separator, "text_field": text_field,
-         "tokenizer": [info["vocab_sha256"], info["pipeline_sha256"], info["class"]]},
-        sort_keys=True,
-    )
+def fingerprint(source: str, info: dict, seq_len: int, separator: int, text_field: str,
+                pack: bool = True) -> str:
+    """32 hex digits naming a packing of ``source`` (a source key) with these settings
+    (``pack=False``: one document per sequence)."""
+    settings = {"format": CORPUS_FORMAT_VERSION, "source": source, "seq_len": seq_len,
+                "separator": separator, "text_field": text_field,
+                "tokenizer": [info["vocab_sha256"], info["pipeline_sha256"], info["class"]]}
+    if not pack:  # packed corpora keep the fingerprints they always had
+        settings["pack"] = False
+    payload = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -97,6 +106,7 @@ def corpus_fingerprint(
     seq_len: int = 512,
     separator_token_id: int | None = None,
     text_field: str = "text",
+    pack: bool = True,
 ) -> str:
     """Fingerprint of what :func:`pack_corpus` would produce from these inputs.
 
@@ -106,6 +116,8 @@ def corpus_fingerprint(
     """
     separator = separator_id(tokenizer, separator_token_id)
     info = tokenizer_info(tokenizer)
+    if is_paths(documents) and has_names(documents):  # datasets names or objects: read them
+        documents = load_documents(documents, text_field=text_field)
     if is_paths(documents):
         groups = expand_paths(documents)
         key = source_key([str(f.resolve()) for _, fs in groups for f in fs])
@@ -117,4 +129,4 @@ def corpus_fingerprint(
             for idx, text in batch:
                 h.update(idx, text)
         key = h.key()
-    return fingerprint(key, info, seq_len, separator, text_field)
+    return fingerprint(key, info, seq_len, separator, text_field, pack)

@@ -115,6 +115,7 @@ class PackedCorpus:
         seq_len: int = 512,
         separator_token_id: int | None = None,
         text_field: str = "text",
+        pack: bool = True,
     ) -> bool:
         """True when ``directory`` holds a complete packing of exactly these inputs."""
         meta_path = Path(directory) / METADATA
@@ -126,7 +127,8 @@ class PackedCorpus:
             return False
         if meta.get("format_version") != CORPUS_FORMAT_VERSION:
             return False
-        fp = corpus_fingerprint(documents, tokenizer, seq_len, separator_token_id, text_field)
+        fp = corpus_fingerprint(documents, tokenizer, seq_len, separator_token_id, text_field,
+                                pack)
         return meta.get("fingerprint") == fp
 
     def __getstate__(self) -> dict[str, Any]:
@@ -194,19 +196,51 @@ class PackedCorpus:
         rows = a.segments[a.seg_seq_ptr[i]:a.seg_seq_ptr[i + 1]]
         return [Segment(*(int(v) for v in r)) for r in rows]
 
+    def _row(self, doc_index: int) -> int:
+        """The row of document ``doc_index`` in documents.arrow."""
+        return int(self.document_rows(np.array([doc_index], dtype=np.int64))[0])
+
+    def document_rows(self, doc_indices: np.ndarray) -> np.ndarray:
+        """Rows of documents.arrow holding the documents ``doc_indices`` (int64 array)."""
+        a = self._a
+        doc_indices = np.asarray(doc_indices, dtype=np.int64)
+        if a.doc_rows is None:
+            rows = doc_indices
+            ok = (rows >= 0) & (rows < a.documents.num_rows)
+        else:
+            k = np.minimum(np.searchsorted(a.doc_rows, doc_indices), len(a.doc_rows) - 1)
+            ok = a.doc_rows[k] == doc_indices
+            rows = a.doc_order[k]
+        if not ok.all():
+            bad = int(doc_indices[~ok][0])
+            raise DatasleuthError(f"document {bad} is not in this corpus; check the index")
+        return rows
+
+    def document_column(self, name: str, doc_indices: np.ndarray) -> pa.Array:
+        """Column ``name`` of the documents ``doc_indices`` (in that order)."""
+        column = self._a.documents.column(name)
+        return column.take(pa.array(self.document_rows(doc_indices))).combine_chunks()
+
+    def sequence_documents(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every sequence's documents at once: (offsets (N+1,), doc_index (S,)); those of
+        sequence ``i`` are ``doc_index[offsets[i]:offsets[i+1]]``, in order."""
+        a = self._a
+        return np.asarray(a.seg_seq_ptr, dtype=np.int64), a.segments[:, 0].astype(np.int64)
+
     def document_text(self, doc_index: int) -> str:
         """The original text of document ``doc_index``."""
-        a = self._a
-        if a.doc_rows is None:
-            row = int(doc_index)
-            ok = 0 <= row < a.documents.num_rows
-        else:
-            k = int(np.searchsorted(a.doc_rows, doc_index))
-            ok = k < len(a.doc_rows) and a.doc_rows[k] == doc_index
-            row = int(a.doc_order[k]) if ok else -1
-        if not ok:
-            raise DatasleuthError(f"document {doc_index} is not in this corpus; check the index")
-        return a.documents.column("text")[row].as_py()
+        return self._a.documents.column("text")[self._row(doc_index)].as_py()
+
+    @property
+    def document_field_names(self) -> list[str]:
+        """The corpus's own columns kept beside the text (``id``, ``title``, ``source``...)."""
+        return [c for c in self._a.documents.column_names if c not in ("doc_index", "text")]
+
+    def document_fields(self, doc_index: int) -> dict[str, str | None]:
+        """The corpus's own columns of document ``doc_index`` (e.g. ``{"id": "a7"}``)."""
+        row = self._row(doc_index)
+        docs = self._a.documents
+        return {c: docs.column(c)[row].as_py() for c in self.document_field_names}
 
     def token_pieces(self, i: int) -> list[tuple[str, int, int]]:
         """``(piece, doc_index, char_start)`` for every real token of sequence ``i``.

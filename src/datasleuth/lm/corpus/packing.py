@@ -72,10 +72,15 @@ def _tokenize(tokenizer: Any, texts: list[str], sep: int) -> tuple[np.ndarray, .
 
 
 class _Packer:
-    """Streams tokens into fixed-length rows on disk; keeps at most one batch in memory."""
+    """Streams tokens into fixed-length rows on disk; keeps at most one batch in memory.
 
-    def __init__(self, workdir: Path, seq_len: int, sep: int, pad: int) -> None:
-        self.seq_len, self.sep, self.pad = seq_len, sep, pad
+    ``pack=False`` gives every document a row of its own (its tokens and separator,
+    padded; cut at ``seq_len`` tokens, counted in ``truncated``).
+    """
+
+    def __init__(self, workdir: Path, seq_len: int, sep: int, pad: int, pack: bool = True
+                 ) -> None:
+        self.seq_len, self.sep, self.pad, self.pack = seq_len, sep, pad, pack
         self.ids_path, self.starts_path = workdir / "ids.bin", workdir / "starts.bin"
         self.ids_f = open(self.ids_path, "wb")  # noqa: SIM115 -- closed in finish()
         self.starts_f = open(self.starts_path, "wb")  # noqa: SIM115
@@ -88,9 +93,20 @@ class _Packer:
         self.idx_base = 0
         self.n_docs = 0
         self.n_tokens = 0
+        self.text_tokens = 0  # tokens of the documents themselves, separators not counted
+        self.text_chars = 0  # their characters other than whitespace
+        self.max_id = -1
+        self.truncated = [0, 0]  # documents cut at seq_len (pack=False), tokens dropped
 
     def add(self, batch: list[tuple[int, str]], tokenizer: Any) -> None:
         ids, starts, ends, ords, eos = _tokenize(tokenizer, [t for _, t in batch], self.sep)
+        self.text_tokens += int(len(ids) - eos.sum())
+        self.text_chars += sum(len(t) - sum(map(t.count, " \n\t\r")) for _, t in batch)
+        if len(ids):
+            self.max_id = max(self.max_id, int(ids.max()))
+        if not self.pack:
+            self._add_documents(batch, (ids, starts, ends, ords, eos))
+            return
         new = (ids, starts, ends, ords + self.n_docs, eos)
         self.idx = np.append(self.idx, np.array([i for i, _ in batch], dtype=np.int64))
         self.n_docs += len(batch)
@@ -104,6 +120,43 @@ class _Packer:
         keep = int(rest[3][0]) if self.pending is not None else self.n_docs
         self.idx = self.idx[keep - self.idx_base:]  # forget documents fully written
         self.idx_base = keep
+
+    def _add_documents(self, batch: list[tuple[int, str]], arrays: tuple[np.ndarray, ...]
+                       ) -> None:
+        """One row per document (pack=False): its tokens and separator, cut at seq_len."""
+        ids, starts, ends, ords, eos = arrays
+        L, n_docs = self.seq_len, len(batch)
+        bounds = np.searchsorted(ords, np.arange(n_docs + 1))  # doc k: bounds[k]:bounds[k+1]
+        rows = np.full((n_docs, L), self.pad, dtype=np.int64)  # (D, L)
+        row_starts = np.full((n_docs, L), -1, dtype=np.int64)  # (D, L)
+        keep = np.minimum(np.diff(bounds), L)  # (D,) tokens kept, separator included
+        char_end = np.zeros(n_docs, dtype=np.int64)
+        tok_end = np.zeros(n_docs, dtype=np.int64)
+        for k in range(n_docs):
+            lo, n = int(bounds[k]), int(keep[k])
+            rows[k, :n] = ids[lo:lo + n]
+            row_starts[k, :n] = np.where(eos[lo:lo + n], -1, starts[lo:lo + n])
+            n_text = int(bounds[k + 1]) - lo - 1  # the document's own tokens
+            tok_end[k] = min(n_text, L)  # the separator, when kept, sits at tok_end
+            char_end[k] = ends[lo + n - 1]
+            if n_text > L:
+                self.truncated[0] += 1
+                self.truncated[1] += n_text - L
+        first_row = len(self.lengths)
+        self.seg_writer.write_table(pa.table({
+            "sequence": np.arange(first_row, first_row + n_docs), "doc_index": self.idx_of(batch),
+            "char_start": np.zeros(n_docs, dtype=np.int64), "char_end": char_end,
+            "tok_start": np.zeros(n_docs, dtype=np.int64), "tok_end": tok_end,
+        }, schema=self.seg_schema))
+        self.ids_f.write(rows.astype("<i4").tobytes())
+        self.starts_f.write(row_starts.astype("<i4").tobytes())
+        self.lengths.extend(int(n) for n in keep)
+        self.n_tokens += int(keep.sum())
+        self.n_docs += n_docs
+
+    @staticmethod
+    def idx_of(batch: list[tuple[int, str]]) -> np.ndarray:
+        return np.array([i for i, _ in batch], dtype=np.int64)
 
     def _emit(self, arrays: tuple[np.ndarray, ...]) -> None:
         ids, starts, ends, ords, eos = arrays
@@ -156,6 +209,7 @@ def pack_corpus(
     separator_token_id: int | None = None,
     text_field: str = "text",
     streaming: bool = False,
+    pack: bool = True,
 ) -> PackedCorpus:
     """Tokenise documents, join them with EOS and cut the stream into ``seq_len`` rows.
 
@@ -169,6 +223,12 @@ def pack_corpus(
     result is stored there (see :mod:`datasleuth.lm.corpus.layout`); without it, in a
     temporary directory removed when the object is garbage collected. Memory stays
     bounded by one batch of ``batch_size`` documents.
+
+    ``pack=False`` keeps one document per sequence instead (its tokens and separator,
+    padded), for document-level results; a document longer than ``seq_len`` tokens is
+    cut there and counted in the metadata (``truncated_documents``,
+    ``truncated_tokens``). A packing whose documents gave almost no tokens (fewer than
+    one per 100 non-space characters) is refused: the tokenizer is not the corpus's.
     """
     _check_tokenizer(tokenizer, seq_len)
     sep = separator_id(tokenizer, separator_token_id)
@@ -180,13 +240,14 @@ def pack_corpus(
     out, cleanup = _output_directory(output_dir)
     work = Path(tempfile.mkdtemp(prefix=".packing-", dir=out))
     try:
-        packer = _Packer(work, seq_len, sep, pad)
+        packer = _Packer(work, seq_len, sep, pad, pack)
         content = _read_documents(packer, documents, tokenizer, out / layout.DOCUMENTS, text_field,
                                   batch_size, progress)
+        _check_tokens(packer)
         _write_rows(out, packer)
         key = source_key(sources) if sources is not None else content.key()
         meta = _metadata(packer, info, text_field, sources, content.hexdigest())
-        meta["fingerprint"] = fingerprint(key, info, seq_len, sep, text_field)
+        meta["fingerprint"] = fingerprint(key, info, seq_len, sep, text_field, pack)
         write_json(out / layout.METADATA, meta)  # the marker: written last
     except BaseException:
         if cleanup is not None:
@@ -198,6 +259,21 @@ def pack_corpus(
     if cleanup is not None:
         corpus._finalizer = weakref.finalize(corpus, shutil.rmtree, str(cleanup), True)
     return corpus
+
+
+#: Fewest tokens per non-space character of the corpus a packing may have.
+MIN_TOKENS_PER_CHAR = 0.01
+
+
+def _check_tokens(packer: _Packer) -> None:
+    """Refuse a packing whose documents gave (almost) no tokens of their own."""
+    tokens, chars = packer.text_tokens, packer.text_chars
+    if chars > 0 and tokens < MIN_TOKENS_PER_CHAR * chars:
+        raise DatasleuthError(
+            f"the tokenizer turned {chars} characters of text into {tokens} tokens, so the "
+            "packed sequences would be (almost) only separators; use the model's own "
+            "tokenizer (--tokenizer FOLDER) and check --text-field"
+        )
 
 
 def _check_tokenizer(tokenizer: Any, seq_len: int) -> None:
@@ -226,22 +302,34 @@ def _read_documents(packer: _Packer, documents: Any, tokenizer: Any, path: Path,
     """Feed every document to ``packer`` and to the documents file; hash their text."""
     content = ContentHash()
     total = len(documents) if hasattr(documents, "__len__") else None
-    bar = progress_bar(iter_batches(documents, text_field, batch_size),
-                       desc="packing corpus", enabled=progress,
-                       total=None if total is None else -(-total // batch_size))
+    bar = progress_bar(iter_batches(documents, text_field, batch_size), desc="pack corpus",
+                       enabled=progress, total=total, unit="document", weight=len)
     with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, _DOC_SCHEMA) as writer:
+        writer = None
+        with pa.OSFile(str(tmp), "wb") as sink:
             for batch in bar:
                 for idx, text in batch:
                     content.update(idx, text)
-                writer.write_batch(pa.record_batch(
-                    [pa.array([i for i, _ in batch], pa.int64()),
-                     pa.array([t for _, t in batch], pa.large_string())], schema=_DOC_SCHEMA))
+                record = _record_batch(batch)
+                if writer is None:
+                    writer = pa.ipc.new_file(sink, record.schema)
+                writer.write_batch(record)
                 packer.add(batch, tokenizer)
+            if writer is None:
+                raise DatasleuthError("the corpus holds no documents; add documents")
+            writer.close()
             packer.finish()
-        if packer.n_docs == 0:
-            raise DatasleuthError("the corpus holds no documents; add documents")
     return content
+
+
+def _record_batch(batch: Any) -> pa.RecordBatch:
+    """``doc_index``, ``text`` and the corpus's own columns of one batch, for documents.arrow."""
+    fields = getattr(batch, "fields", {})
+    columns = [pa.array([i for i, _ in batch], pa.int64()),
+               pa.array([t for _, t in batch], pa.large_string())]
+    columns += [pa.array(values, pa.large_string()) for values in fields.values()]
+    schema = pa.schema(list(_DOC_SCHEMA) + [(name, pa.large_string()) for name in fields])
+    return pa.record_batch(columns, schema=schema)
 
 
 def _write_rows(out: Path, packer: _Packer) -> None:
@@ -269,6 +357,10 @@ def _metadata(packer: _Packer, info: dict[str, Any], text_field: str,
         "num_tokens": packer.n_tokens,
         "num_documents": packer.n_docs,
         "separator_token_id": packer.sep,
+        "packed": packer.pack,
+        "max_token_id": packer.max_id,
+        "truncated_documents": packer.truncated[0],
+        "truncated_tokens": packer.truncated[1],
         "pad_token_id": int(packer.pad),
         "eos_marker": layout.EOS_MARKER,
         "text_field": text_field,

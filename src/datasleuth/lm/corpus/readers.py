@@ -1,9 +1,13 @@
-"""Read corpus documents: files, folders, JSON Lines, Parquet, Arrow and text, streamed or not.
+"""Read corpus documents: files, folders, datasets names and objects, streamed or not.
 
-:func:`load_documents` turns user paths into a ``datasets`` Dataset with ``text`` and
-``doc_index`` columns; :func:`iter_batches` walks any accepted document source (paths
-already read, a Dataset/IterableDataset, strings or dicts) as ``(doc_index, text)``
-batches for fingerprinting and packing.
+:func:`load_documents` turns corpus references -- JSON Lines, Parquet, Arrow and text
+files, folders of them, ``save_to_disk`` folders, ``datasets`` names (resolved from the
+local caches, :mod:`datasleuth.lm.hub`) and ``datasets.Dataset`` objects -- into one
+``datasets`` Dataset with ``text`` and ``doc_index`` columns, plus the corpus's own
+``id``/``title``/``source``-like columns where every part has them
+(:data:`DOCUMENT_FIELDS`). :func:`iter_batches` walks any accepted document source as
+``(doc_index, text)`` batches (:class:`DocumentBatch`, which also carries those columns)
+for fingerprinting and packing.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +25,73 @@ import pyarrow.parquet as pq
 
 from datasleuth.errors import DatasleuthError
 
-__all__ = ["load_documents"]
+__all__ = ["load_documents", "DOCUMENT_FIELDS", "DocumentBatch"]
 
+#: Columns of a corpus kept beside the text (as strings) to name documents in results.
+DOCUMENT_FIELDS = ("id", "doc_id", "title", "source", "url")
 _KINDS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet",
           ".arrow": "arrow"}
 #: Attribute of a dataset from :func:`load_documents` listing its source files.
 SOURCES_ATTR = "_datasleuth_sources"
 
 
+def _is_dataset(item: Any) -> bool:
+    import datasets
+
+    return isinstance(item, (datasets.Dataset, datasets.IterableDataset))
+
+
 def is_paths(documents: Any) -> bool:
-    """True when ``documents`` names corpus files (a str/Path, or a list of Paths)."""
+    """True when ``documents`` names corpus files or datasets (a str/Path, or a list of
+    Paths and ``datasets`` objects, at least one of them a Path)."""
     if isinstance(documents, (str, os.PathLike)):
         return True
     return (isinstance(documents, (list, tuple)) and len(documents) > 0
-            and all(isinstance(d, os.PathLike) for d in documents))
+            and all(isinstance(d, os.PathLike) or _is_dataset(d) for d in documents)
+            and any(isinstance(d, os.PathLike) for d in documents))
+
+
+def has_names(documents: Any) -> bool:
+    """True when corpus references include something other than existing files or folders
+    (a ``datasets`` name or object), so that they must be read to be fingerprinted."""
+    if not is_paths(documents):
+        return False
+    items = [documents] if isinstance(documents, (str, os.PathLike)) else documents
+    return any(not isinstance(d, (str, os.PathLike)) or not Path(d).exists() for d in items)
+
+
+def _missing(raw: str | os.PathLike) -> tuple[str, Any]:
+    """A reference that is not on disk: a ``datasets`` name, else a missing path."""
+    from datasleuth.lm.hub import looks_like_hub_id
+
+    text = os.fspath(raw)
+    if Path(text).suffix.lower() not in _KINDS and looks_like_hub_id(text):
+        return "hub", text
+    raise DatasleuthError(f"corpus path {text} does not exist; check the path (or give a "
+                          "datasets name such as owner/name)")
 
 
 def expand_paths(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-) -> list[tuple[str, list[Path]]]:
-    """Resolve user paths into consecutive groups of (kind, files) in the given order."""
+    paths: str | os.PathLike | Sequence[Any],
+) -> list[tuple[str, list[Any]]]:
+    """Resolve corpus references into consecutive groups of (kind, items) in the given order.
+
+    Kinds: the file kinds of :data:`_KINDS` (items are Paths), ``disk`` (a save_to_disk
+    folder), ``hub`` (a ``datasets`` name) and ``memory`` (a ``datasets`` object).
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if len(paths) == 0:
         raise DatasleuthError("no corpus paths given; pass at least one file or directory")
-    items: list[tuple[str, Path]] = []
+    items: list[tuple[str, Any]] = []
     for raw in paths:
+        if _is_dataset(raw):
+            items.append(("memory", raw))
+            continue
         p = Path(raw)
         if not p.exists():
-            raise DatasleuthError(f"corpus path {p} does not exist; check the path")
+            items.append(_missing(raw))
+            continue
         if p.is_dir():
             if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
                 items.append(("disk", p))
@@ -72,9 +115,9 @@ def expand_paths(
                     "or .arrow (or a datasets save_to_disk folder)"
                 )
             items.append((kind, p))
-    groups: list[tuple[str, list[Path]]] = []
+    groups: list[tuple[str, list[Any]]] = []
     for kind, p in items:
-        if groups and groups[-1][0] == kind and kind != "disk":
+        if groups and groups[-1][0] == kind and kind in _KINDS.values():
             groups[-1][1].append(p)
         else:
             groups.append((kind, [p]))
@@ -126,9 +169,11 @@ def check_columns(columns: Sequence[str] | None, text_field: str, where: str) ->
 
 
 
-def _load_saved(folder: Path, text_field: str, streaming: bool) -> Any:
-    """A ``datasets`` ``save_to_disk`` folder (one split) as a Dataset."""
+def _load_saved(folder: Path, text_field: str, streaming: bool, split: str | None) -> Any:
+    """A ``datasets`` ``save_to_disk`` folder (one split, chosen by ``split``) as a Dataset."""
     import datasets
+
+    from datasleuth.lm.hub import one_split
 
     try:
         ds = datasets.load_from_disk(str(folder))
@@ -136,16 +181,15 @@ def _load_saved(folder: Path, text_field: str, streaming: bool) -> Any:
         raise DatasleuthError(
             f"could not read the saved dataset {folder} ({e}); re-save it with save_to_disk"
         ) from e
-    if isinstance(ds, datasets.DatasetDict):
-        if list(ds) == ["train"] or len(ds) == 1:
-            ds = next(iter(ds.values()))
-        else:
-            raise DatasleuthError(
-                f"{folder} holds several splits ({', '.join(ds)}); point to one split's "
-                "folder instead"
-            )
+    ds = one_split(ds, split, str(folder))
     check_columns(ds.column_names, text_field, str(folder))
     return ds.to_iterable_dataset() if streaming else ds
+
+
+def _cache_files(ds: Any) -> list[str] | None:
+    """The Arrow files behind a Dataset (its identity on disk); ``None`` if in memory."""
+    files = [f["filename"] for f in getattr(ds, "cache_files", None) or []]
+    return [str(Path(f).resolve()) for f in files] or None
 
 
 def _check_not_empty(kind: str, files: list[Path]) -> None:
@@ -165,14 +209,43 @@ def _check_not_empty(kind: str, files: list[Path]) -> None:
         raise DatasleuthError(f"{empty[0]} is empty; add documents to it or leave it out")
 
 
-def _load_group(kind: str, files: list[Path], text_field: str, streaming: bool,
+def _load_group(kind: str, files: list[Any], text_field: str, streaming: bool,
+                cache_dir: str | None, source: _Source) -> tuple[Any, list[str] | None]:
+    """One group of one kind as a Dataset (IterableDataset when ``streaming``) and the
+    files that identify it (``None``: identified by its content)."""
+    if kind == "disk":
+        ds = _load_saved(files[0], text_field, streaming, source.split)
+        return ds, (None if streaming else _cache_files(ds)) or [str(files[0].resolve())]
+    if kind in ("hub", "memory"):
+        if kind == "hub":
+            from datasleuth.lm.hub import load_hub_dataset
+
+            ds = load_hub_dataset(files[0], config=source.config, split=source.split,
+                                  streaming=streaming, download=source.download)
+        else:
+            ds = files[0].to_iterable_dataset() if streaming and hasattr(
+                files[0], "to_iterable_dataset") else files[0]
+        where = f"dataset {files[0]}" if kind == "hub" else "the datasets object"
+        check_columns(_column_names(ds), text_field, where)
+        return ds, (None if kind == "memory" or streaming else _cache_files(ds))
+    return _load_files(kind, files, text_field, streaming, cache_dir), \
+        [str(f.resolve()) for f in files]
+
+
+def _column_names(ds: Any) -> list[str]:
+    columns = ds.column_names
+    if columns is None:  # a streamed dataset: look at its first row
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else []
+    return list(columns)
+
+
+def _load_files(kind: str, files: list[Path], text_field: str, streaming: bool,
                 cache_dir: str | None) -> Any:
-    """One group of files of one kind as a Dataset (IterableDataset when ``streaming``)."""
+    """Files of one kind as one Dataset (IterableDataset when ``streaming``)."""
     import datasets
 
     where = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more)"
-    if kind == "disk":
-        return _load_saved(files[0], text_field, streaming)
     kwargs: dict[str, Any] = {"data_files": [str(f) for f in files], "split": "train",
                               "streaming": streaming, "cache_dir": cache_dir}
     if kind == "text":
@@ -189,11 +262,7 @@ def _load_group(kind: str, files: list[Path], text_field: str, streaming: bool,
         ds = datasets.IterableDataset.from_generator(
             _guarded, gen_kwargs={"source": ds, "files": files, "text_field": text_field}
         )
-    columns = ds.column_names
-    if columns is None and streaming:
-        first = next(iter(ds), None)
-        columns = list(first) if first is not None else []
-    check_columns(columns, text_field, where)
+    check_columns(_column_names(ds), text_field, where)
     return ds
 
 
@@ -206,50 +275,83 @@ def _guarded(source: Iterable[dict], files: list[Path], text_field: str) -> Iter
         raise DatasleuthError(f"could not read {files[0]} ({e}); check the file format") from e
 
 
+@dataclass(frozen=True)
+class _Source:
+    """How ``datasets`` names and multi-split folders are read."""
+
+    split: str | None = None
+    config: str | None = None
+    download: bool = False
+
+
 def load_documents(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    paths: str | os.PathLike | Sequence[Any],
     text_field: str = "text",
     streaming: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    *,
+    split: str | None = None,
+    dataset_config: str | None = None,
+    download: bool = False,
 ) -> Any:
     """Read a text corpus with the ``datasets`` library.
 
     Accepts JSON Lines / JSON files (``text_field`` holds the text), ``.txt`` files (one
     file = one document; newlines are normalised to ``\\n``), Parquet, Arrow (``.arrow``
-    files and ``save_to_disk`` folders) and directories of such files (sorted, recursive).
-    Returns a memory-mapped ``datasets.Dataset`` (or an ``IterableDataset`` when
-    ``streaming``) with two columns: ``text`` and ``doc_index``, the document's position
-    in the corpus in reading order (paths in the given order, files within a directory
-    sorted). That index is the one every result refers back to.
+    files and ``save_to_disk`` folders), directories of such files (sorted, recursive),
+    ``datasets`` names (``owner/name``: read from the local caches, from the Hub only
+    with ``download``; ``dataset_config`` names the configuration) and
+    ``datasets.Dataset`` objects. ``split`` picks the split of a name or of a
+    multi-split ``save_to_disk`` folder (default: its only split). Returns a
+    memory-mapped ``datasets.Dataset`` (or an ``IterableDataset`` when ``streaming``)
+    with the columns ``text``, ``doc_index`` -- the document's position in the corpus
+    in reading order (references in the given order, files within a directory sorted),
+    the index every result refers back to -- and those of :data:`DOCUMENT_FIELDS` that
+    every part of the corpus has (as strings).
     """
     import datasets
 
     groups = expand_paths(paths)
     cache = str(cache_dir) if cache_dir is not None else None
-    parts = [_text_column(_load_group(kind, files, text_field, streaming, cache), kind, files,
-                          text_field, streaming) for kind, files in groups]
+    source = _Source(split, dataset_config, download)
+    loaded = [_load_group(kind, items, text_field, streaming, cache, source)
+              for kind, items in groups]
+    fields = [f for f in DOCUMENT_FIELDS if f != text_field
+              and all(f in _column_names(ds) for ds, _ in loaded)]
+    parts = [_text_column(ds, kind, items, text_field, streaming, fields)
+             for (kind, items), (ds, _) in zip(groups, loaded, strict=True)]
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    sources = [str(f.resolve()) for _, files in groups for f in files]
-    ds = _with_doc_index(ds, sources[0], text_field, streaming)
-    setattr(ds, SOURCES_ATTR, sources)  # read back by corpus_fingerprint / pack_corpus
+    first = groups[0][1][0]
+    ds = _with_doc_index(ds, first if isinstance(first, (str, Path)) else "given", text_field,
+                         streaming)
+    if all(files is not None for _, files in loaded):
+        # read back by corpus_fingerprint / pack_corpus; absent: identified by content
+        setattr(ds, SOURCES_ATTR, [f for _, files in loaded for f in files])
     return ds
 
 
-def _text_column(ds: Any, kind: str, files: list[Path], text_field: str, streaming: bool) -> Any:
-    """Keep only the text field of one group, named ``text``; refuse non-text fields."""
+def _text_column(ds: Any, kind: str, items: list[Any], text_field: str, streaming: bool,
+                 fields: Sequence[str] = ()) -> Any:
+    """Keep the text field of one group, named ``text``, and ``fields`` as strings;
+    refuse non-text fields."""
+    import datasets
+
     field = "text" if kind == "text" else text_field
-    ds = ds.select_columns([field])
+    ds = ds.select_columns([field] + [f for f in fields if kind != "text"])
     if field != "text":
         ds = ds.rename_column(field, "text")
     if not streaming:
         feature = ds.features["text"]
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
             if kind == "json":
-                _scan_json(files, field)  # names the offending line
+                _scan_json(items, field)  # names the offending line
             raise DatasleuthError(
-                f"field {field!r} in {files[0]} holds {feature}, not text; pick the text "
+                f"field {field!r} in {items[0]} holds {feature}, not text; pick the text "
                 "field with text_field"
             )
+        for f in fields:
+            if getattr(ds.features[f], "dtype", None) not in ("string", "large_string"):
+                ds = ds.cast_column(f, datasets.Value("string"))
     return ds
 
 
@@ -272,25 +374,49 @@ def _with_doc_index(ds: Any, first_source: str, text_field: str, streaming: bool
     return ds.add_column("doc_index", np.arange(len(ds), dtype=np.int64))
 
 
+class DocumentBatch(list):
+    """``(doc_index, text)`` pairs of consecutive documents; ``fields`` holds the corpus's
+    own columns of :data:`DOCUMENT_FIELDS` for the same documents (strings or ``None``)."""
+
+    def __init__(self, pairs: list[tuple[int, str]], fields: dict[str, list[str | None]]):
+        super().__init__(pairs)
+        self.fields = fields
+
+
+def _field_value(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def iter_batches(
     documents: Any, text_field: str, batch_size: int
-) -> Iterator[list[tuple[int, str]]]:
-    """Yield lists of (doc_index, text) from a Dataset, IterableDataset or sequence."""
+) -> Iterator[DocumentBatch]:
+    """Yield :class:`DocumentBatch` lists of (doc_index, text) from a Dataset,
+    IterableDataset or sequence of strings/dicts."""
     import datasets
 
     if isinstance(documents, datasets.Dataset):
         has_index = "doc_index" in documents.column_names
         field = "text" if "text" in documents.column_names else text_field
         check_columns(documents.column_names, field, "the documents")
+        names = [f for f in DOCUMENT_FIELDS if f in documents.column_names and f != field]
         for start in range(0, len(documents), batch_size):
             rows = documents[start:start + batch_size]
             idx = rows["doc_index"] if has_index else range(start, start + len(rows[field]))
-            yield _validated(list(zip(idx, rows[field], strict=True)))
+            yield DocumentBatch(_validated(list(zip(idx, rows[field], strict=True))),
+                                {f: [_field_value(v) for v in rows[f]] for f in names})
         return
+    yield from _iter_items(documents, text_field, batch_size)
+
+
+def _iter_items(documents: Any, text_field: str, batch_size: int) -> Iterator[DocumentBatch]:
+    """Batches of an IterableDataset or a sequence of strings/dicts."""
     batch: list[tuple[int, str]] = []
+    names: list[str] | None = None
+    fields: dict[str, list[str | None]] = {}
     for pos, item in enumerate(documents):
         if isinstance(item, str):
             batch.append((pos, item))
+            item = {}
         elif isinstance(item, dict):
             field = "text" if "text" in item else text_field
             if field not in item:
@@ -304,11 +430,16 @@ def iter_batches(
                 f"document {pos} is a {type(item).__name__}; pass strings, dicts with a text "
                 "field, a datasets Dataset or corpus paths"
             )
+        if names is None:  # the first document decides which columns are kept
+            names = [f for f in DOCUMENT_FIELDS if f in item and f != text_field]
+            fields = {f: [] for f in names}
+        for f in names:
+            fields[f].append(_field_value(item.get(f)))
         if len(batch) >= batch_size:
-            yield _validated(batch)
-            batch = []
+            yield DocumentBatch(_validated(batch), fields)
+            batch, fields = [], {f: [] for f in names}
     if batch:
-        yield _validated(batch)
+        yield DocumentBatch(_validated(batch), fields)
 
 
 def _validated(batch: list[tuple[int, Any]]) -> list[tuple[int, str]]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, resolve_layers
-from datasleuth.progress import progress_bar
+from datasleuth.progress import progress_counter
 from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, IndexConfig
 from datasleuth.scale.index.projection import LayerProjection, make_projections
 from datasleuth.scale.index.store import MANIFEST, PROJECTIONS, GradientIndex, shard_name
@@ -146,24 +146,28 @@ def build_index(
     if part is None:
         return index
     collate = collate_fn or default_collate
-    bar = progress_bar(range(part["done"], part["source_rows"], config.shard_size),
-                       desc="index shards", enabled=progress, unit="shard")
-    for lo in bar:
-        hi = min(lo + config.shard_size, part["source_rows"])
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size,
-                            collate_fn=collate, shuffle=False)
-        rows = projected_rows(model, task, loader, tracked, index)
-        if rows.shape[0] != hi - lo:
-            raise DatasleuthError(f"rows {lo}..{hi} of the dataset gave {rows.shape[0]} "
-                                  "sequences; collate_fn must keep one row per item")
-        _write_shard(index, part, lo, hi, rows)
+    with progress_counter("index", total=part["source_rows"], enabled=progress,
+                          initial=part["done"]) as bar:  # in sequences, not shards
+        for lo in range(part["done"], part["source_rows"], config.shard_size):
+            hi = min(lo + config.shard_size, part["source_rows"])
+            loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                                collate_fn=collate, shuffle=False)
+            rows = projected_rows(model, task, loader, tracked, index, on_rows=bar.update)
+            if rows.shape[0] != hi - lo:
+                raise DatasleuthError(f"rows {lo}..{hi} of the dataset gave {rows.shape[0]} "
+                                      "sequences; collate_fn must keep one row per item")
+            _write_shard(index, part, lo, hi, rows)
     write_json(directory / MANIFEST, index.manifest)
     return index
 
 
 def projected_rows(model: nn.Module, task: Task, loader: Any, layers: list[TrackedLayer],
-                   index: GradientIndex) -> Tensor:
-    """Projected log-likelihood gradients of every sequence of ``loader``: (n, D) on the CPU."""
+                   index: GradientIndex, on_rows: Callable[[int], None] | None = None
+                   ) -> Tensor:
+    """Projected log-likelihood gradients of every sequence of ``loader``: (n, D) on the CPU.
+
+    ``on_rows(n)`` is told after every batch how many rows it gave (for progress).
+    """
     features = index.features
     parts: dict[str, Tensor] = {}
     chunks: list[Tensor] = []
@@ -173,6 +177,8 @@ def projected_rows(model: nn.Module, task: Task, loader: Any, layers: list[Track
 
     def on_batch(end: BatchEnd) -> None:
         chunks.append(torch.cat([parts.pop(n) for n in index.layer_names], dim=1).cpu())
+        if on_rows is not None:
+            on_rows(end.size)
 
     stream(model, task, loader, layers, on_layer, on_batch=on_batch)
     return torch.cat(chunks) if chunks else torch.zeros(0, index.dim)
