@@ -23,6 +23,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -230,7 +231,10 @@ def main() -> None:
     plot_lds(docs, img / "eval_lds.png")
     plot_detection(dm, img / "eval_detection.png")
     plot_scatter(d, img / "eval_scatter.png")
-    (ROOT / "docs" / "evaluation.md").write_text(report)
+    path = ROOT / "docs" / "evaluation.md"
+    kept = re.search(r"<!-- fact-tracing:begin -->.*?<!-- fact-tracing:end -->\n",
+                     path.read_text(), re.DOTALL) if path.is_file() else None
+    path.write_text(report + ("\n" + kept.group(0) if kept else ""))  # fact_tracing.py's
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- fact-tracing:begin -->", "<!-- fact-tracing:end -->"
 REFINED = tuple(n for n in ESTIMATORS if "refine" in n)  # refined EK-FAC, once merged
 METHODS = ("ekfac", *REFINED, "identity", "cosine", "repsim", "bm25")
-LABELS = {"identity": "dot product (identity)", "cosine": "cosine (TrackStar)",
+LABELS = {"ekfac": "EK-FAC", "identity": "dot product (identity)", "cosine": "cosine (TrackStar)",
           "repsim": "representation similarity", "bm25": "BM25"}
 MEMORISED_STEPS = 300
 PATCH = TailPatchConfig(k=5, draws=5, lr=1e-4, warmup=16)
@@ -76,7 +76,33 @@ def learned(doc: dict) -> str:
     return ", ".join(parts)
 
 
-def section(docs: dict[str, dict], patch: TailPatchConfig, elapsed: float, quick: bool) -> str:
+def losses(doc: dict, reference: str) -> str:
+    """Plain sentences: where another method beats ``reference`` (recall@10, MRR and mean
+    tail-patch gain per wording; the tail-patch standard error is sd / √queries)."""
+    label = LABELS.get(reference, reference)
+    found = []
+    for group, rows in doc["retrieval"]["groups"].items():
+        for key, name in (("recall@10", "recall@10"), ("mrr", "MRR")):
+            ref = rows[reference][key]
+            above = [f"{LABELS.get(n, n)} ({r[key]:.3f})" for n, r in rows.items()
+                     if n != reference and r[key] > ref]
+            if above:
+                found.append(f"{name}, {group}: {label} {ref:.3f} < " + ", ".join(above))
+    for group, rows in doc["tail_patch"]["groups"].items():
+        ref = rows[reference]
+        above = [f"{LABELS.get(n, n)} ({r['mean']:+.4f})" for n, r in rows.items()
+                 if n not in (reference, "random") and r["mean"] > ref["mean"]]
+        if above:
+            se = ref["std"] / math.sqrt(ref["n"])
+            found.append(f"tail-patch, {group}: {label} {ref['mean']:+.4f} (standard error "
+                         f"{se:.4f}) < " + ", ".join(above))
+    if not found:
+        return f"No method beats {label} on recall@10, MRR or tail-patch here."
+    return f"Where {label} loses: " + "; ".join(found) + "."
+
+
+def section(docs: dict[str, dict], patch: TailPatchConfig, elapsed: float, quick: bool,
+            methods: tuple[str, ...]) -> str:
     command = "python benchmarks/fact_tracing.py" + (" --quick" if quick else "")
     first = next(iter(docs.values()))
     lines = [
@@ -104,6 +130,7 @@ def section(docs: dict[str, dict], patch: TailPatchConfig, elapsed: float, quick
                   f"Mean p(value | prompt) of the trained model: {learned(doc)}.", "",
                   retrieval_table(doc["retrieval"], LABELS), "",
                   tail_patch_group_table(doc["tail_patch"], LABELS), "",
+                  *[losses(doc, ref) + "\n" for ref in ("ekfac", *REFINED) if ref in methods],
                   "Seconds to score all queries: " + ", ".join(
                       f"{LABELS.get(n, n)} {r['seconds']['total']:.1f}"
                       for n, r in doc["estimators"].items()) + "."]
@@ -135,7 +162,7 @@ def main() -> None:
     for title, config in ((f"Partially learned ({base.steps} training steps)", base),
                           (f"Memorised ({memorised.steps} training steps)", memorised)):
         docs[title] = run(config, methods, patch)
-    text = section(docs, patch, time.perf_counter() - start, args.quick)
+    text = section(docs, patch, time.perf_counter() - start, args.quick, methods)
     print(text, end="")
     if not args.quick:
         write_section(text, ROOT / "docs" / "evaluation.md")

@@ -150,14 +150,16 @@ _LOAD_DEFAULTS: dict[str, Any] = {
 _RENAMED = {"model": "model_path", "corpus": "corpus_path", "tokenizer": "tokenizer_path"}
 
 
-def _trace_load_options(options: Mapping[str, Any], results: Mapping[str, Any]) -> Any:
-    """How the traced model and corpus are loaded: the trace's own options (saved beside
-    its results), then what these options override."""
+def _trace_load_options(options: Mapping[str, Any], results: Mapping[str, Any]
+                        ) -> tuple[Any, Any]:
+    """How the traced model and corpus are loaded — the trace's own options (saved beside
+    its results), then what these options override — and the trace's queries file."""
     from datasleuth.cli.options import RESOLVED_CONFIG, load_options_from, read_config
 
     saved = Path(options["tail_patch"][0]).with_name(RESOLVED_CONFIG)
+    trace = read_config(saved) if saved.is_file() else {}
     values = dict(_LOAD_DEFAULTS)
-    for key, value in (read_config(saved) if saved.is_file() else {}).items():
+    for key, value in trace.items():
         name = _RENAMED.get(key, key.replace("-", "_"))
         if name in values:
             values[name] = value
@@ -169,7 +171,7 @@ def _trace_load_options(options: Mapping[str, Any], results: Mapping[str, Any]) 
             values[name] = options[name]
     if values["seq_len"] is None:
         values["seq_len"] = (results.get("config") or {}).get("seq_len")
-    return load_options_from(values)
+    return load_options_from(values), trace.get("queries")
 
 
 def _tail_patch_traces(options: Mapping[str, Any]) -> None:
@@ -178,11 +180,11 @@ def _tail_patch_traces(options: Mapping[str, Any]) -> None:
     from datasleuth.lm.workflow import TailPatchOptions, tail_patch_results
     from datasleuth.report import load_results
 
-    load = _trace_load_options(options, load_results(options["tail_patch"][0]))
+    load, queries = _trace_load_options(options, load_results(options["tail_patch"][0]))
     methods = tuple(m.strip() for m in options["tail_methods"].split(",") if m.strip())
     settings = TailPatchOptions(options["tail_patch"], out=options["out_dir"],
                                 config=_tail_config(options, 10), methods=methods,
-                                batch_size=options["batch_size"])
+                                batch_size=options["batch_size"], queries=queries)
     doc = tail_patch_results(load, settings, progress=options["progress"])
     click.echo(f"tail-patch: rise of {doc['measurement']} over {len(doc['queries'])} queries")
     click.echo(tail_patch_table(doc))

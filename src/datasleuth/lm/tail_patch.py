@@ -27,8 +27,14 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.evaluation.tail_patch import TailPatchConfig, tail_patch
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.methods import output_representation
-from datasleuth.lm.pipeline import bm25_index
-from datasleuth.lm.queries import Query, collate_queries, encode_queries
+from datasleuth.lm.pipeline import bm25_index, say
+from datasleuth.lm.queries import (
+    Query,
+    collate_queries,
+    encode_queries,
+    load_queries,
+    render_chat,
+)
 from datasleuth.lm.task import CausalLMTask
 
 __all__ = ["EXTRA_METHODS", "trace_method_name", "tail_patch_traces", "attach_tail_patch"]
@@ -46,8 +52,10 @@ def trace_method_name(results: dict[str, Any]) -> str:
     return "dot" if kind == "identity" else str(kind)
 
 
-def _queries(docs: Sequence[dict[str, Any]]) -> list[Query]:
-    """The queries the documents share; refuse documents of different queries."""
+def _queries(docs: Sequence[dict[str, Any]], source: Any, tokenizer: Any) -> list[Query]:
+    """The queries the documents share (refusing documents of different queries): read
+    from the trace's own ``source`` when it still holds them (chat transcripts are then
+    encoded as the trace encoded them), else rebuilt from the prompt and completion texts."""
     first = [(q["id"], q["prompt"], q["completion"]) for q in docs[0]["queries"]]
     for doc in docs[1:]:
         if [(q["id"], q["prompt"], q["completion"]) for q in doc["queries"]] != first:
@@ -55,6 +63,12 @@ def _queries(docs: Sequence[dict[str, Any]]) -> list[Query]:
                                   "results of the same queries file")
     if not first:
         raise DatasleuthError("the results document holds no queries to tail-patch")
+    if source is not None:
+        loaded = render_chat(load_queries(source), tokenizer)
+        if [(q.id, q.prompt, q.completion) for q in loaded] == first:
+            return loaded
+        say("note: the queries differ from the ones the results hold; patching with the "
+            "results' prompt and completion texts")
     return [Query(prompt, completion, qid) for qid, prompt, completion in first]
 
 
@@ -86,20 +100,23 @@ def _repsim_top(model: nn.Module, corpus: PackedCorpus, batches: list[dict[str, 
 def tail_patch_traces(
     model: nn.Module, tokenizer: Any, corpus: PackedCorpus, docs: Sequence[dict[str, Any]],
     config: TailPatchConfig, *, methods: Sequence[str] = EXTRA_METHODS,
-    workdir: str | Path = "datasleuth-work", batch_size: int = 8, progress: bool = True,
+    workdir: str | Path = "datasleuth-work", batch_size: int = 8, queries: Any = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Tail-patch the top-k of every results document and of ``methods`` (bm25, repsim).
 
-    Returns the tail-patch document with ``query_ids`` and ``methods`` (the ranking names,
-    each trace's under its method).
+    ``queries``: the trace's queries (anything :func:`~datasleuth.lm.load_queries` reads),
+    or ``None`` to rebuild them from the results' prompt and completion texts (chat
+    queries then lose their own encoding). Returns the tail-patch document with
+    ``query_ids`` and ``methods`` (the ranking names, each trace's under its method).
     """
     unknown = [m for m in methods if m not in EXTRA_METHODS]
     if unknown:
         raise DatasleuthError(f"tail-patch computes rankings of {', '.join(EXTRA_METHODS)}, not "
                               f"{unknown[0]!r}; trace other methods and pass their results")
-    queries = _queries(docs)
+    asked = _queries(docs, queries, tokenizer)
     _check_corpus(docs, corpus)
-    encoded = encode_queries(queries, tokenizer)
+    encoded = encode_queries(asked, tokenizer)
     batches = [collate_queries([e]) for e in encoded]
     rankings: dict[str, list[list[int]]] = {}
     for doc in docs:
@@ -115,7 +132,7 @@ def tail_patch_traces(
         rankings["repsim"] = _repsim_top(model, corpus, batches, config.k, batch_size, progress)
     doc = tail_patch(model, CausalLMTask(), batches, rankings,
                      lambda idx: corpus.collate([int(i) for i in idx]), len(corpus), config)
-    doc.update(query_ids=[q.id for q in queries], methods=list(rankings),
+    doc.update(query_ids=[q.id for q in asked], methods=list(rankings),
                measurement="log p(completion | prompt)")
     return doc
 

@@ -291,7 +291,8 @@ class TailPatchOptions:
     ``repsim``). ``config`` (a :class:`~datasleuth.evaluation.tail_patch.TailPatchConfig`;
     ``None``: its defaults) sets k, steps, optimizer, learning rate and random draws.
     ``out`` receives ``tail_patch.json``, ``results.json`` (the first trace's results with
-    each query's tail-patch rows) and, with ``report``, ``report.html``.
+    each query's tail-patch rows) and, with ``report``, ``report.html``. ``queries``: the
+    trace's queries (``None``: rebuilt from the results' texts; chat queries need them).
     """
 
     results: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -300,6 +301,7 @@ class TailPatchOptions:
     methods: Sequence[str] = ("bm25", "repsim")
     batch_size: int = 8
     report: bool = True
+    queries: Any = None
 
     def __post_init__(self) -> None:
         paths = ((self.results,) if isinstance(self.results, (str, os.PathLike))
@@ -498,7 +500,7 @@ def tail_patch_results(load: LoadOptions, options: TailPatchOptions, *, progress
     doc = tail_patch_traces(inputs.model, inputs.tokenizer, inputs.corpus, docs,
                             options.config or TailPatchConfig(), methods=options.methods,
                             workdir=load.workdir, batch_size=options.batch_size,
-                            progress=progress)
+                            queries=options.queries, progress=progress)
     doc["results"] = list(options.results)
     out = Path(options.out)
     write_json(out / "tail_patch.json", doc)
