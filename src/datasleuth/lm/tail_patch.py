@@ -36,8 +36,10 @@ from datasleuth.lm.queries import (
     render_chat,
 )
 from datasleuth.lm.task import CausalLMTask
+from datasleuth.storage import write_json
 
-__all__ = ["EXTRA_METHODS", "trace_method_name", "tail_patch_traces", "attach_tail_patch"]
+__all__ = ["EXTRA_METHODS", "trace_method_name", "tail_patch_traces", "attach_tail_patch",
+           "write_tail_patch"]
 
 EXTRA_METHODS = ("bm25", "repsim")
 """Rankings tail-patch computes itself over the whole corpus, beside the traces'."""
@@ -150,3 +152,16 @@ def attach_tail_patch(results: dict[str, Any], doc: dict[str, Any]) -> dict[str,
         query["tail_patch"] = {"k": c["k"], "steps": c["steps"], "optimizer": c["optimizer"],
                                "lr": c["lr"], "before": row["before"], "rows": rows}
     return out
+
+
+def write_tail_patch(doc: dict[str, Any], docs: Sequence[dict[str, Any]], out: str | Path,
+                     report: bool = True) -> None:
+    """Write ``OUT/tail_patch.json``, ``OUT/results.json`` (the first trace's results with
+    each query's tail-patch rows) and, with ``report``, ``OUT/report.html``."""
+    from datasleuth.report import render_report
+
+    merged = attach_tail_patch(docs[0], doc)
+    write_json(Path(out) / "tail_patch.json", doc)
+    write_json(Path(out) / "results.json", merged)
+    if report:
+        render_report(merged, Path(out) / "report.html")

@@ -286,13 +286,12 @@ class IndexOptions:
 class TailPatchOptions:
     """Which traces to tail-patch and how (docs/method.md §10).
 
-    ``results``: one or more ``results.json`` of traces of the same queries (e.g. one per
-    ``--method``); ``methods``: rankings computed here beside them (``bm25``,
-    ``repsim``). ``config`` (a :class:`~datasleuth.evaluation.tail_patch.TailPatchConfig`;
-    ``None``: its defaults) sets k, steps, optimizer, learning rate and random draws.
+    ``results``: ``results.json`` of traces of the same queries (e.g. one per ``--method``);
+    ``methods``: rankings computed beside them (``bm25``, ``repsim``); ``config``: a
+    :class:`~datasleuth.evaluation.tail_patch.TailPatchConfig` (``None``: its defaults).
     ``out`` receives ``tail_patch.json``, ``results.json`` (the first trace's results with
-    each query's tail-patch rows) and, with ``report``, ``report.html``. ``queries``: the
-    trace's queries (``None``: rebuilt from the results' texts; chat queries need them).
+    each query's tail-patch rows) and ``report.html``. ``queries``: the trace's queries
+    (``None``: rebuilt from the results' texts; chat queries need them).
     """
 
     results: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -484,16 +483,11 @@ def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
 def tail_patch_results(load: LoadOptions, options: TailPatchOptions, *, progress: bool = True
                        ) -> dict[str, Any]:
     """Tail-patch each query's top sequences of the given traces, beside random, BM25 and
-    representation-similarity sequences, on the model and corpus the traces used.
-
-    Writes ``OUT/tail_patch.json``, ``OUT/results.json`` (the first trace's results with
-    a ``tail_patch`` entry per query) and ``OUT/report.html``; returns the tail-patch
-    document.
-    """
+    representation-similarity sequences, on the model and corpus the traces used; write
+    the files :class:`TailPatchOptions` names and return the tail-patch document."""
     from datasleuth.evaluation.tail_patch import TailPatchConfig
-    from datasleuth.lm.tail_patch import attach_tail_patch, tail_patch_traces
-    from datasleuth.report import load_results, render_report
-    from datasleuth.storage import write_json
+    from datasleuth.lm.tail_patch import tail_patch_traces, write_tail_patch
+    from datasleuth.report import load_results
 
     docs = [dict(load_results(path)) for path in options.results]  # fail fast, before loading
     inputs = load_inputs(load, progress=progress)
@@ -502,10 +496,5 @@ def tail_patch_results(load: LoadOptions, options: TailPatchOptions, *, progress
                             workdir=load.workdir, batch_size=options.batch_size,
                             queries=options.queries, progress=progress)
     doc["results"] = list(options.results)
-    out = Path(options.out)
-    write_json(out / "tail_patch.json", doc)
-    merged = attach_tail_patch(docs[0], doc)
-    write_json(out / "results.json", merged)
-    if options.report:
-        render_report(merged, out / "report.html")
+    write_tail_patch(doc, docs, options.out, options.report)
     return doc
