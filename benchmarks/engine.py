@@ -6,6 +6,7 @@ computing every weight gradient; each method's time is printed as a ratio to it.
 
     python benchmarks/engine.py            # ~1-2 minutes on 2 CPU cores
     python benchmarks/engine.py --quick
+    python benchmarks/engine.py --threads 1 --cpu-time   # on a shared, loaded machine
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ def build(n_seq: int, seq_len: int, n_layer: int, n_embd: int, vocab: int = 2048
     return model, batches
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def floor_pass(model, batches) -> None:
@@ -54,7 +58,14 @@ def floor_pass(model, batches) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by this process's CPU seconds (robust on a loaded machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     n_seq, seq_len, n_layer, n_embd = (64, 64, 2, 128) if args.quick else (256, 128, 4, 256)
     model, batches = build(n_seq, seq_len, n_layer, n_embd)
     layers = find_layers(model, ["*.mlp.*"])
