@@ -211,9 +211,11 @@ class _Capture:
         self.outputs: list[Tensor] = []
         self._seen: set[str] = set()
         self._modes: dict[int, ExpertMode] = {}  # experts modules running forward now
+        self.discard = False  # a replayed batch (datasleuth.fsdp.lockstep): report nothing
 
-    def set_batch(self, mask: Tensor | None) -> None:
+    def set_batch(self, mask: Tensor | None, discard: bool = False) -> None:
         self.mask = mask
+        self.discard = discard
         self.outputs = []
         self._seen = set()
 
@@ -232,6 +234,10 @@ class _Capture:
                 )
             x = x * self.mask[..., None].to(x.dtype)
         return x
+
+    def _emit(self, layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        if not self.discard:
+            self.on_layer(layer, a, g)
 
     @staticmethod
     def _idle() -> bool:
@@ -257,7 +263,7 @@ class _Capture:
                     a[..., -1] = self.mask.to(a.dtype)
 
             def grad_hook(g: Tensor) -> None:
-                self.on_layer(layer, a, self._as_tokens(g.detach(), layer))  # g: (B, T, P)
+                self._emit(layer, a, self._as_tokens(g.detach(), layer))  # g: (B, T, P)
 
             output.register_hook(grad_hook)
             self.outputs.append(output)
@@ -273,7 +279,7 @@ class _Capture:
         a = self._as_tokens(scatter_rows(x.detach(), positions, total), layer)  # (B, T, M)
 
         def grad_hook(g: Tensor) -> None:  # g: (n, P) -> (B, T, P)
-            self.on_layer(layer, a, self._as_tokens(scatter_rows(g.detach(), positions, total),
+            self._emit(layer, a, self._as_tokens(scatter_rows(g.detach(), positions, total),
                                                     layer))
 
         out.register_hook(grad_hook)
@@ -310,7 +316,7 @@ class _Capture:
 
                 def zero_hook(g: Tensor) -> None:
                     for (layer, a), (_, s) in zip(zeros[::2], zeros[1::2]):
-                        self.on_layer(layer, self._as_tokens(a, layer), self._as_tokens(s, layer))
+                        self._emit(layer, self._as_tokens(a, layer), self._as_tokens(s, layer))
 
                 output.register_hook(zero_hook)
 

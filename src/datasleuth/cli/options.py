@@ -235,6 +235,9 @@ model_options = _stack(
                  type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
     click.option("--trust-remote-code", is_flag=True,
                  help="Allow the checkpoint's own Python code to run (off by default)."),
+    click.option("--fsdp", is_flag=True,
+                 help="Under torchrun, shard the model over the processes with FSDP2 "
+                      "(models larger than one GPU)."),
 )
 
 corpus_options = _stack(
@@ -294,7 +297,7 @@ def load_options_from(values: Mapping[str, Any]) -> LoadOptions:
         streaming=values["streaming"], tokenizer=values["tokenizer_path"],
         download=values["download"], separator=values["separator"],
         pack=not values["no_pack"], split=values["split"],
-        dataset_config=values["dataset_config"],
+        dataset_config=values["dataset_config"], fsdp=values.get("fsdp", False),
     )
 
 
