@@ -282,6 +282,9 @@ fit_options = _stack(
                  help="Split each Kronecker factor into this many diagonal blocks."),
     click.option("--max-sequences", type=click.IntRange(1), default=None,
                  help="Fit on at most this many sequences (default: all)."),
+    click.option("--factors", type=click.Path(dir_okay=False), default=None,
+                 help="Use this curvature file (e.g. written by the Trainer callback, "
+                      "datasleuth.lm.CurvatureCallback) instead of fitting on the corpus."),
 )
 
 
@@ -309,4 +312,4 @@ def fit_options_from(values: Mapping[str, Any]) -> FitOptions:
     config = FitConfig(curvature=values["curvature"], damping=values["damping"],
                        fisher=values["fisher"], blocks=values["blocks"])
     return FitOptions(config, batch_size=values["batch_size"],
-                      max_sequences=values["max_sequences"])
+                      max_sequences=values["max_sequences"], factors=values.get("factors"))

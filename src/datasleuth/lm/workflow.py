@@ -168,6 +168,7 @@ class FitOptions:
     config: FitConfig = field(default_factory=FitConfig)
     batch_size: int = 8
     max_sequences: int | None = None  # fit on at most this many sequences (None: all)
+    factors: str | None = None  # a curvature file to use instead (lm.trainer.load_factors)
 
     def __post_init__(self) -> None:
         _positive(self.batch_size, "batch_size")
@@ -380,6 +381,10 @@ def separator_token(tokenizer: Any, separator: int | str | None, rows: int | Non
 
 def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool
          ) -> Curvature:
+    if options.factors is not None:  # e.g. fitted during training (datasleuth.lm.trainer)
+        from datasleuth.lm.trainer import load_factors
+
+        return load_factors(options.factors, inputs.model)
     return fit_factors(inputs.model, inputs.layers, inputs.corpus, workdir, options.config,
                        options.batch_size, options.max_sequences, progress)
 
