@@ -3,8 +3,8 @@
 Each worker shards a tiny float64 GPT-2 with :func:`datasleuth.fsdp.shard_model`, fits
 EK-FAC on its shard of a packed corpus (the shards have different numbers of batches,
 so :func:`datasleuth.fsdp.lockstep` must replay), traces a query (scan, token scores,
-per-head scores) and ranks self-influence; rank 0's results must equal one process
-fitting, tracing and ranking with the plain model.
+per-head scores), ranks self-influence and builds a projected-gradient index; rank 0's
+results must equal one process doing the same with the plain model.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ import torch.multiprocessing as mp
 from conftest import tiny_gpt2
 from torch.utils.data import DataLoader
 
-from datasleuth import FitConfig, fit_curvature, load_curvature
+from datasleuth import FitConfig, find_layers, fit_curvature, load_curvature
 from datasleuth.demo import build_tokenizer
 from datasleuth.distributed import shard
 from datasleuth.errors import DatasleuthError
 from datasleuth.fsdp import is_sharded, shard_model
 from datasleuth.lm.corpus import PackedCorpus, pack_corpus
+from datasleuth.lm.pipeline import build_corpus_index
 from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig, scan_corpus, trace_details
+from datasleuth.scale.index import GradientIndex, IndexConfig
 from datasleuth.scoring import precondition_queries
 from datasleuth.storage import save_curvature
 
@@ -53,6 +55,10 @@ def _run_all(model, tok, corpus: PackedCorpus, out: Path, rank: int) -> None:
                         [{"id": "q", "prompt": " the cat sat", "completion": " on a mat"}],
                         TRACE, {})
     si = run_self_influence(model, corpus, curv, out, top_k=5, batch_size=2, progress=False)
+    index = build_corpus_index(model, find_layers(model, ["*.mlp.*"]), corpus, out / "index",
+                               IndexConfig(k_in=4, k_out=4, dtype="float64", shard_size=8),
+                               batch_size=2, fisher="empirical", progress=False)
+    assert index.rows == len(corpus)
     if rank == 0:
         save_curvature(curv, out / "curv.safetensors")
         (out / "trace.json").write_text(json.dumps({"queries": doc["queries"], "si": si}))
@@ -114,6 +120,14 @@ def test_fsdp_two_processes_equal_one(tmp_path):
     sharded = json.loads((tmp_path / "fsdp-0" / "trace.json").read_text())
     assert single["queries"][0]["top"][0]["head_scores"]  # per-head rows were compared too
     _close(sharded, single)
+    got_index = GradientIndex.open(tmp_path / "fsdp-0" / "index")
+    want_index = GradientIndex.open(tmp_path / "single" / "index")
+    assert len(got_index.shards) == len(want_index.shards) > 1
+    torch.testing.assert_close(got_index.load_rows(), want_index.load_rows(), rtol=1e-9,
+                               atol=1e-12)
+    for name, ggn in want_index.curvature.ggn.items():
+        torch.testing.assert_close(got_index.curvature.ggn[name], ggn, rtol=1e-9, atol=1e-12)
+    assert not (tmp_path / "fsdp-1" / "index").exists()  # rank 0 alone writes
 
 
 def test_shard_model_needs_processes():
