@@ -23,13 +23,13 @@ from datasleuth.lm.task import CausalLMTask
 EXPERTS = 4
 
 
-def _mixtral():
+def _mixtral(experts: int = EXPERTS):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     cfg = MixtralConfig(vocab_size=13, hidden_size=8, intermediate_size=6, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=2,
-                        num_local_experts=EXPERTS, num_experts_per_tok=2,
+                        num_local_experts=experts, num_experts_per_tok=2,
                         max_position_embeddings=32, tie_word_embeddings=False)
     model = MixtralForCausalLM(cfg).double().eval()
     for p in model.parameters():  # larger weights than the default init: routing varies
@@ -120,3 +120,18 @@ def test_per_expert_tracking_equals_linear_experts(kind):
         assert a.total.abs().max() > 0
         torch.testing.assert_close(a.per_layer, b.per_layer, rtol=1e-8, atol=1e-10)
     assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_experts_no_token_was_routed_to_score_zero():
+    """One 2-token sequence reaches at most 4 of 8 experts per layer; the others still
+    report (zero) inputs and gradients in every batch, as a linear layer would."""
+    model = _mixtral(experts=8)
+    ref = _reference(model)
+    task, config = CausalLMTask(), FitConfig(fisher="empirical")
+    data = [lm_batch([[1, 2]]), lm_batch([[3, 4], [5]])]
+    got = fit_curvature(model, task, data, ["*.experts.*"], config, progress=False)
+    want = fit_curvature(ref, task, data, ["*.experts.*"], config, progress=False)
+    a = self_influence(model, task, got, data[:1], progress=False)
+    b = self_influence(ref, task, want, data[:1], progress=False)
+    torch.testing.assert_close(a.per_layer, b.per_layer, rtol=1e-8, atol=1e-10)
+    assert (a.per_layer == 0).sum() >= 8  # 2 parameters x 2 layers x >= 4 idle experts
