@@ -101,3 +101,18 @@ def test_callback_needs_a_window():
         CurvatureCallback("f.safetensors")
     with pytest.raises(DatasleuthError, match=">= 1"):
         CurvatureCallback("f.safetensors", last_steps=0)
+
+
+def test_last_epochs_counts_steps_of_an_epoch():
+    from types import SimpleNamespace
+
+    callback = CurvatureCallback("f.safetensors", last_epochs=1.5)
+    state = SimpleNamespace(max_steps=40, num_train_epochs=4, global_step=0)
+    model = tiny_gpt2()
+    callback.on_train_begin(None, state, None, model=model)
+    assert callback._first == 40 - 15  # 1.5 epochs of 10 steps
+    for step, recording in ((24, False), (25, True)):
+        state.global_step = step
+        callback.on_step_begin(None, state, None)
+        assert callback._recording is recording
+    callback._handle.remove()
