@@ -107,3 +107,29 @@ def test_trace_rows_carry_head_scores(tmp_path):
         for name, shares in row["head_scores"].items():
             layer_score = row["layer_scores"][q["layer_names"].index(name)]
             assert abs(sum(shares) - layer_score) <= 1e-9 * max(1.0, abs(layer_score))
+
+
+def test_llama_heads_with_grouped_query_attention_sum_to_the_layer_score():
+    """q_proj rows per head, k/v rows per key/value head, o_proj columns per head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                      max_position_embeddings=16)
+    model, task = LlamaForCausalLM(cfg).double().eval(), CausalLMTask()
+    train, queries = _data()
+    curv = fit_curvature(model, task, train, ["*.self_attn.*"], FitConfig(fisher="empirical"),
+                         progress=False)
+    splits = attention_heads(model, curv.layer_names)
+    labels = {name.rsplit(".", 1)[1]: split.labels for name, split in splits.items()}
+    assert labels == {"q_proj": ["h0", "h1", "h2", "h3"], "k_proj": ["kv0", "kv1"],
+                      "v_proj": ["kv0", "kv1"], "o_proj": ["h0", "h1", "h2", "h3"]}
+    o_proj = splits["model.layers.0.self_attn.o_proj"]
+    assert o_proj.side == "in" and o_proj.index[2].tolist() == [8, 9, 10, 11]
+    pre = precondition_queries(model, task, curv, queries, progress=False)
+    got = sequence_head_scores(model, task, pre, train, splits)
+    pairwise = pairwise_scores(model, task, curv, queries, train, progress=False)
+    for j, name in enumerate(curv.layer_names):
+        torch.testing.assert_close(got[name].sum(-1), pairwise.per_layer[..., j].t(),
+                                   rtol=1e-8, atol=1e-12)
