@@ -5,9 +5,11 @@ the homogeneous input ā = (a, 1) and the pseudo-gradient of the output pre-acti
 Ds = ∂(objective)/∂s (METHOD.md §2). The per-example weight gradient is then
 DW̄ = Σ_t Ds_t ā_tᵀ (shape P×(M+1)), never materialised for the whole model.
 
-Supported layers: ``torch.nn.Linear`` (weight P×M) and transformers' GPT-2 ``Conv1D``
-(weight stored transposed, M×P). No model rewriting: forward hooks record ā, and a
-tensor hook on each layer output receives Ds during the backward pass.
+Supported layers: ``torch.nn.Linear`` (weight P×M), transformers' GPT-2 ``Conv1D``
+(weight stored transposed, M×P), and each expert's slice W_e (P×M) of a fused 3-D
+mixture-of-experts parameter (:mod:`datasleuth.experts`). No model rewriting: forward
+hooks record ā, and a tensor hook on each layer output receives Ds during the backward
+pass.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.experts import (
+    ExpertMode,
+    check_index,
+    eager_experts,
+    expert_params,
+    parse_expert_name,
+    restore_experts,
+    scatter_rows,
+)
 
 __all__ = [
     "TrackedLayer",
@@ -41,10 +52,12 @@ class TrackedLayer:
 
     name: str
     module: nn.Module
-    kind: str  # "linear" or "conv1d"
+    kind: str  # "linear", "conv1d" or "expert"
     in_features: int  # M
     out_features: int  # P
     has_bias: bool
+    param: str = "weight"  # the expert parameter's name (kind "expert")
+    expert: int | None = None  # e of the slice W_e (kind "expert")
 
     @property
     def grad_shape(self) -> tuple[int, int]:
@@ -53,6 +66,11 @@ class TrackedLayer:
 
     def weight_gradient(self, grad: Tensor) -> dict[str, Tensor]:
         """Split a canonical gradient (..., P, M[+1]) into the module's parameter shapes."""
+        if self.kind == "expert":
+            raise DatasleuthError(
+                f"layer {self.name!r} is one expert's slice of a 3-D parameter, which exact "
+                "estimators cannot replace; exclude the expert layers (e.g. '*.experts.*')"
+            )
         m = self.in_features
         w = grad[..., :m]
         out = {"weight": w if self.kind == "linear" else w.transpose(-1, -2)}
@@ -62,6 +80,8 @@ class TrackedLayer:
 
     def canonical_weight(self) -> Tensor:
         """The layer's W̄ = (W b) as a (P, M[+1]) tensor."""
+        if self.kind == "expert":
+            return getattr(self.module, self.param)[self.expert]
         w = self.module.weight
         w = w if self.kind == "linear" else w.t()
         if self.has_bias:
@@ -89,42 +109,63 @@ def find_layers(
     Patterns are ``fnmatch`` globs over module names from ``model.named_modules()``,
     e.g. ``"*.mlp.*"`` for the MLP layers of a transformer.
     """
-    layers = []
-    for name, module in model.named_modules():
-        info = _describe(module)
-        if info is None:
-            continue
-        if not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        kind, m, p, bias = info
-        layers.append(TrackedLayer(name, module, kind, m, p, bias))
+    def wanted(name: str) -> bool:
+        return (any(fnmatch.fnmatchcase(name, p) for p in include)
+                and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+    candidates = [layer for name, module in model.named_modules()
+                  for layer in _module_layers(name, module)]
+    layers = [layer for layer in candidates if wanted(layer.name)]
     if not layers:
-        supported = [
-            n or "(root)" for n, mod in model.named_modules() if _describe(mod) is not None
-        ]
+        supported = [layer.name or "(root)" for layer in candidates]
         hint = ", ".join(supported[:6]) + (" ..." if len(supported) > 6 else "")
         raise DatasleuthError(
-            f"no Linear/Conv1D layer matches include={list(include)} exclude={list(exclude)}; "
+            f"no Linear/Conv1D/expert layer matches include={list(include)} "
+            f"exclude={list(exclude)}; "
             f"choose patterns matching layer names such as: {hint or '(the model has none)'}"
         )
     return layers
 
 
+def _module_layers(name: str, module: nn.Module) -> list[TrackedLayer]:
+    """The trackable layers of one module: itself, or one per expert of its 3-D weights."""
+    info = _describe(module)
+    if info is not None:
+        kind, m, p, bias = info
+        return [TrackedLayer(name, module, kind, m, p, bias)]
+    return [TrackedLayer(f"{name}.{pname}.{e}", module, "expert", int(w.shape[2]),
+                         int(w.shape[1]), False, pname, e)
+            for pname, w in expert_params(module) for e in range(w.shape[0])]
+
+
+def _named_layer(modules: dict[str, nn.Module], name: str) -> TrackedLayer | None:
+    if name in modules and _describe(modules[name]) is not None:
+        return _module_layers(name, modules[name])[0]
+    parsed = parse_expert_name(name)
+    if parsed is None or parsed[0] not in modules:
+        return None
+    module_name, pname, e = parsed
+    params = dict(expert_params(modules[module_name]))
+    if pname not in params:
+        return None
+    check_index(params[pname], e, name)
+    w = params[pname]
+    return TrackedLayer(name, modules[module_name], "expert", int(w.shape[2]), int(w.shape[1]),
+                        False, pname, e)
+
+
 def layers_by_name(model: nn.Module, names: Sequence[str]) -> list[TrackedLayer]:
-    """The tracked layers with exactly these module names, in this order."""
+    """The tracked layers with exactly these names, in this order."""
     modules = dict(model.named_modules())
     layers = []
     for name in names:
-        info = _describe(modules[name]) if name in modules else None
-        if info is None:
+        layer = _named_layer(modules, name)
+        if layer is None:
             raise DatasleuthError(
-                f"the model has no Linear/Conv1D layer named {name!r}; the curvature was fitted "
-                "on a different model, re-fit it for this one"
+                f"the model has no Linear/Conv1D/expert layer named {name!r}; the curvature was "
+                "fitted on a different model, re-fit it for this one"
             )
-        kind, m, p, bias = info
-        layers.append(TrackedLayer(name, modules[name], kind, m, p, bias))
+        layers.append(layer)
     return layers
 
 
@@ -169,14 +210,20 @@ class _Capture:
         self.mask: Tensor | None = None  # (B, T) bool, set per batch
         self.outputs: list[Tensor] = []
         self._seen: set[str] = set()
+        self._modes: dict[int, ExpertMode] = {}  # experts modules running forward now
+        self.discard = False  # a replayed batch (datasleuth.fsdp.lockstep): report nothing
 
-    def set_batch(self, mask: Tensor | None) -> None:
+    def set_batch(self, mask: Tensor | None, discard: bool = False) -> None:
         self.mask = mask
+        self.discard = discard
         self.outputs = []
         self._seen = set()
 
     def _as_tokens(self, x: Tensor, layer: TrackedLayer) -> Tensor:
-        """Reshape (B, ..., D) to (B, T, D) and zero masked (padding) positions."""
+        """Reshape (B, ..., D) or flattened (B*T, D) to (B, T, D); zero padding positions."""
+        m = self.mask
+        if m is not None and x.dim() == 2 and x.shape[0] == m.numel() != m.shape[0]:
+            x = x.reshape(*m.shape, x.shape[-1])  # tokens flattened by the model (MoE blocks)
         x = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.dtype)
         if self.mask is not None:
             if self.mask.shape != x.shape[:2]:
@@ -188,17 +235,27 @@ class _Capture:
             x = x * self.mask[..., None].to(x.dtype)
         return x
 
+    def _emit(self, layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        if not self.discard:
+            self.on_layer(layer, a, g)
+
+    @staticmethod
+    def _idle() -> bool:
+        return bool(getattr(_suspended, "depth", 0)) or not torch.is_grad_enabled()
+
+    def _first_call(self, layer: TrackedLayer) -> None:
+        if layer.name in self._seen:
+            raise DatasleuthError(
+                f"layer {layer.name!r} ran twice in one forward pass; weight sharing is not "
+                "supported, exclude that layer"
+            )
+        self._seen.add(layer.name)
+
     def forward_hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if (getattr(_suspended, "depth", 0) or not torch.is_grad_enabled()
-                    or not output.requires_grad):
+            if self._idle() or not output.requires_grad:
                 return
-            if layer.name in self._seen:
-                raise DatasleuthError(
-                    f"layer {layer.name!r} ran twice in one forward pass; weight sharing is not "
-                    "supported, exclude that layer"
-                )
-            self._seen.add(layer.name)
+            self._first_call(layer)
             a = self._as_tokens(inputs[0].detach(), layer)  # (B, T, M)
             if layer.has_bias:
                 a = torch.cat([a, a.new_ones(a.shape[:2] + (1,))], dim=-1)  # (B, T, M+1)
@@ -206,12 +263,70 @@ class _Capture:
                     a[..., -1] = self.mask.to(a.dtype)
 
             def grad_hook(g: Tensor) -> None:
-                self.on_layer(layer, a, self._as_tokens(g.detach(), layer))  # g: (B, T, P)
+                self._emit(layer, a, self._as_tokens(g.detach(), layer))  # g: (B, T, P)
 
             output.register_hook(grad_hook)
             self.outputs.append(output)
 
         return hook
+
+    def _expert_call(self, layer: TrackedLayer, x: Tensor, positions: Tensor, out: Tensor,
+                     total: int) -> None:
+        """Expert e's routed tokens (n, M) and later their gradients, at their positions."""
+        if not out.requires_grad:
+            return
+        self._first_call(layer)
+        a = self._as_tokens(scatter_rows(x.detach(), positions, total), layer)  # (B, T, M)
+
+        def grad_hook(g: Tensor) -> None:  # g: (n, P) -> (B, T, P)
+            self._emit(layer, a, self._as_tokens(scatter_rows(g.detach(), positions, total),
+                                                    layer))
+
+        out.register_hook(grad_hook)
+        self.outputs.append(out)
+
+    def expert_hooks(self, module: nn.Module, layers: list[TrackedLayer]):
+        """Pre/post forward hooks of one experts module (datasleuth.experts)."""
+        by_key = {(layer.param, layer.expert): layer for layer in layers}
+
+        def pre(mod: nn.Module, args: tuple) -> None:
+            if self._idle() or not args or args[0].dim() != 2:
+                return
+            total = args[0].shape[0]  # B*T flattened tokens
+
+            def on_call(pname: str, e: int, x: Tensor, positions: Tensor, out: Tensor) -> None:
+                if (pname, e) in by_key:
+                    self._expert_call(by_key[(pname, e)], x, positions, out, total)
+
+            mode = ExpertMode(mod, {layer.param for layer in layers}, args[0], on_call)
+            mode.__enter__()
+            self._modes[id(mod)] = mode
+
+        def post(mod: nn.Module, args: tuple, output: Tensor) -> None:
+            mode = self._modes.pop(id(mod), None)
+            if mode is None:
+                return
+            mode.__exit__(None, None, None)
+            idle = [layer for layer in layers if layer.name not in self._seen]
+            if idle and output.requires_grad:  # experts no token was routed to: zeros
+                for layer in idle:
+                    self._seen.add(layer.name)
+                zeros = [(layer, args[0].new_zeros(args[0].shape[0], n).to(self.dtype))
+                         for layer in idle for n in (layer.in_features, layer.out_features)]
+
+                def zero_hook(g: Tensor) -> None:
+                    for (layer, a), (_, s) in zip(zeros[::2], zeros[1::2]):
+                        self._emit(layer, self._as_tokens(a, layer), self._as_tokens(s, layer))
+
+                output.register_hook(zero_hook)
+
+        return pre, post
+
+    def close(self) -> None:
+        """Leave any expert mode a failed forward pass left active."""
+        for mode in reversed(list(self._modes.values())):
+            mode.__exit__(None, None, None)
+        self._modes = {}
 
 
 @contextmanager
@@ -231,13 +346,24 @@ def capture(
     tracked = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
     saved = [(p, p.requires_grad) for p in model.parameters()]
     handles = []
+    experts: dict[int, tuple[nn.Module, list[TrackedLayer]]] = {}
+    configs = []
     try:
         for p, _ in saved:
             p.requires_grad_(id(p) in tracked)
         for layer in layers:
-            handles.append(layer.module.register_forward_hook(state.forward_hook(layer)))
+            if layer.kind == "expert":
+                experts.setdefault(id(layer.module), (layer.module, []))[1].append(layer)
+            else:
+                handles.append(layer.module.register_forward_hook(state.forward_hook(layer)))
+        for module, group in experts.values():
+            pre, post = state.expert_hooks(module, group)
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        configs = eager_experts([module for module, _ in experts.values()])
         yield state
     finally:
+        state.close()
+        restore_experts(configs)
         for h in handles:
             h.remove()
         for p, flag in saved:

@@ -282,7 +282,8 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     for layer in layers:
         h.update(f"{layer.name}:{layer.kind}:{layer.grad_shape}|".encode())
     for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
+        full = getattr(p, "full_tensor", None)  # an FSDP shard: gather it (every process)
+        flat = (full() if full is not None else p).detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
         sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.float64).numpy()
         h.update(f"{name}:{tuple(p.shape)}|".encode())

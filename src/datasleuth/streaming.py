@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.fsdp import is_sharded, lockstep
 from datasleuth.layers import LayerFn, TrackedLayer, backward_to_outputs, capture
 from datasleuth.progress import progress_bar
 from datasleuth.task import Task
@@ -107,18 +108,31 @@ def stream(
     device = next(model.parameters()).device
     seen = 0
     with evaluation(model), capture(model, layers, on_layer, dtype=compute_dtype(model)) as state:
-        for i, batch in enumerate(progress_bar(loader, desc=desc, enabled=progress)):
-            if max_batches is not None and i >= max_batches:
-                break
-            if i < start:
-                continue
+        numbered = _numbered(progress_bar(loader, desc=desc, enabled=progress), start,
+                             max_batches)
+        # A sharded model (datasleuth.fsdp) runs as many passes on every process.
+        batches = (lockstep(numbered, device) if is_sharded(model)
+                   else ((item, True) for item in numbered))
+        for (i, batch), real in batches:
             batch = to_device(batch, device)
             mask = task.mask(batch)
-            state.set_batch(mask)
+            state.set_batch(mask, discard=not real)
             values = objective_values(task, model, batch, objective, generator)
             backward_to_outputs(values.sum(), state)
+            if not real:
+                continue
             if on_batch is not None:
                 on_batch(BatchEnd(i, seen, values.shape[0], mask, values.detach()))
             seen += values.shape[0]
     return seen
 
+
+
+def _numbered(batches: Iterable[Any], start: int, max_batches: int | None
+              ) -> Iterator[tuple[int, Any]]:
+    """(position, batch) from ``start`` on, stopping before ``max_batches``."""
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        if i >= start:
+            yield i, batch

@@ -235,6 +235,9 @@ model_options = _stack(
                  type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
     click.option("--trust-remote-code", is_flag=True,
                  help="Allow the checkpoint's own Python code to run (off by default)."),
+    click.option("--fsdp", is_flag=True,
+                 help="Under torchrun, shard the model over the processes with FSDP2 "
+                      "(models larger than one GPU)."),
 )
 
 corpus_options = _stack(
@@ -279,6 +282,9 @@ fit_options = _stack(
                  help="Split each Kronecker factor into this many diagonal blocks."),
     click.option("--max-sequences", type=click.IntRange(1), default=None,
                  help="Fit on at most this many sequences (default: all)."),
+    click.option("--factors", type=click.Path(dir_okay=False), default=None,
+                 help="Use this curvature file (e.g. written by the Trainer callback, "
+                      "datasleuth.lm.CurvatureCallback) instead of fitting on the corpus."),
 )
 
 
@@ -294,7 +300,7 @@ def load_options_from(values: Mapping[str, Any]) -> LoadOptions:
         streaming=values["streaming"], tokenizer=values["tokenizer_path"],
         download=values["download"], separator=values["separator"],
         pack=not values["no_pack"], split=values["split"],
-        dataset_config=values["dataset_config"],
+        dataset_config=values["dataset_config"], fsdp=values.get("fsdp", False),
     )
 
 
@@ -306,4 +312,4 @@ def fit_options_from(values: Mapping[str, Any]) -> FitOptions:
     config = FitConfig(curvature=values["curvature"], damping=values["damping"],
                        fisher=values["fisher"], blocks=values["blocks"])
     return FitOptions(config, batch_size=values["batch_size"],
-                      max_sequences=values["max_sequences"])
+                      max_sequences=values["max_sequences"], factors=values.get("factors"))

@@ -72,6 +72,7 @@ __all__ = [
     "TraceConfig",
     "TraceMethod",
     "TraceOptions",
+    "CurvatureCallback",
     "bm25_candidates",
     "build_corpus_index",
     "context_length",
@@ -95,3 +96,12 @@ __all__ = [
     "tail_patch_results",
     "trace_queries",
 ]
+
+
+def __getattr__(name: str):
+    """``CurvatureCallback`` imports transformers' Trainer machinery: only when asked."""
+    if name == "CurvatureCallback":
+        from datasleuth.lm.trainer import CurvatureCallback
+
+        return CurvatureCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,6 +33,7 @@ from datasleuth.curvature import Curvature
 from datasleuth.distributed import active, barrier, rank_zero_first, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
+from datasleuth.fsdp import is_sharded
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus, load_documents, pack_corpus
 from datasleuth.lm.corpus.readers import has_names, is_paths
@@ -257,22 +258,24 @@ def build_corpus_index(
     """
     from datasleuth.scale.index import IndexConfig, build_index, fit_projected_curvature
 
-    if active():
-        raise DatasleuthError("`datasleuth index` runs in one process; start it without "
-                              "torchrun (trace --index may use many)")
+    if active() and not is_sharded(model):
+        raise DatasleuthError("`datasleuth index` runs in one process, or in many with "
+                              "--fsdp; start it without torchrun (trace --index may use many)")
     check_context(model, corpus.seq_len)
     directory = Path(directory)
     side = directory / _INDEX_CORPUS
-    if side.is_file():
-        if read_json(side).get("corpus_fingerprint") != corpus.fingerprint:
-            raise DatasleuthError(f"{directory} indexes a different corpus or packing; pass a "
-                                  f"new --out folder or delete {directory}")
-    elif directory.is_dir() and any(directory.iterdir()):
-        raise DatasleuthError(f"{directory} is not empty and holds no datasleuth index; pass a "
-                              "new or empty --out folder")
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json(side, {"corpus_fingerprint": corpus.fingerprint, "sequences": len(corpus)})
+    with rank_zero_first():  # a sharded model: every process computes, rank 0 writes
+        if side.is_file():
+            if read_json(side).get("corpus_fingerprint") != corpus.fingerprint:
+                raise DatasleuthError(f"{directory} indexes a different corpus or packing; "
+                                      f"pass a new --out folder or delete {directory}")
+        elif directory.is_dir() and any(directory.iterdir()):
+            raise DatasleuthError(f"{directory} is not empty and holds no datasleuth index; "
+                                  "pass a new or empty --out folder")
+        elif world()[0] == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_json(side, {"corpus_fingerprint": corpus.fingerprint,
+                              "sequences": len(corpus)})
     task = CausalLMTask()
     index = build_index(model, task, corpus.as_torch_dataset(), layers, directory,
                         config or IndexConfig(), batch_size=batch_size,
@@ -284,6 +287,7 @@ def build_corpus_index(
     else:
         fit_projected_curvature(model, task, _corpus_loader(corpus, batch_size, max_sequences),
                                 index, fisher=fisher, progress=progress)
+    barrier()  # rank 0 has written the index
     say(f"index {directory}: {index.rows} sequences x {index.dim} numbers "
         f"({index.bytes_per_row} bytes per sequence, {len(index.layer_names)} layers)")
     return index

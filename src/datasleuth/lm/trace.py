@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from datasleuth.distributed import gather_objects, shard, world
 from datasleuth.errors import DatasleuthError
+from datasleuth.heads import attention_heads, sequence_head_scores
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.scoring import scan_scores, token_scores
@@ -384,6 +385,27 @@ def _token_heat(model: nn.Module, preconditioned: dict[str, Tensor], corpus: Pac
     return tokens
 
 
+def _head_rows(model: nn.Module, preconditioned: dict[str, Tensor], corpus: PackedCorpus,
+               indices: list[int], batch_size: int) -> tuple[dict[int, dict], dict]:
+    """Per-head scores of the selected sequences for the attention layers (datasleuth.heads):
+    ({index: {layer: (Q, H)}}, {layer: head labels})."""
+    splits = attention_heads(model, list(preconditioned))
+    if not splits or not indices:
+        return {}, {}
+    loader = [corpus.collate(indices[s : s + batch_size])
+              for s in range(0, len(indices), batch_size)]
+    per = sequence_head_scores(model, CausalLMTask(), preconditioned, loader, splits)
+    rows = {i: {name: per[name][j] for name in per} for j, i in enumerate(indices)}
+    return rows, {name: split.labels for name, split in splits.items()}
+
+
+def _heads_of(heads: dict[int, dict], i: int, q: int) -> dict[str, Any]:
+    """A result row's ``head_scores``: {layer: [score per head]} for query ``q``."""
+    if i not in heads:
+        return {}
+    return {"head_scores": {name: [float(x) for x in v[q]] for name, v in heads[i].items()}}
+
+
 def sequence_documents(corpus: PackedCorpus, i: int) -> list[dict[str, Any]]:
     """The documents sequence ``i`` was cut from, first piece of each, in order: doc_index,
     the characters of the piece and the corpus's own columns (``id``, ``title``...)."""
@@ -436,6 +458,8 @@ def trace_details(
     needed = sorted({i for rows in chosen for i, _, _ in rows})
     tokens = (heat(needed) if heat is not None
               else _token_heat(model, preconditioned, corpus, needed, config.batch_size))
+    heads, head_labels = ({}, {}) if heat is not None else _head_rows(
+        model, preconditioned, corpus, needed, config.batch_size)
     out_queries = []
     for q, query in enumerate(queries):
         top_rows = scan.top.results(q)
@@ -450,11 +474,12 @@ def trace_details(
             "n_scanned": int(scan.scanned[q]),
             "layer_names": layer_names,
             "top": [_sequence_row(corpus, tokens[i][q], r + 1, i, s, ly if layer_names else [],
-                                  note) for r, (i, s, ly) in enumerate(top_rows)],
+                                  note) | _heads_of(heads, i, q)
+                    for r, (i, s, ly) in enumerate(top_rows)],
             "bottom": [_sequence_row(corpus, tokens[i][q], r + 1, i, s,
-                                     ly if layer_names else [], note)
+                                     ly if layer_names else [], note) | _heads_of(heads, i, q)
                        for r, (i, s, ly) in enumerate(bottom_rows)],
-        })
+        } | ({"head_labels": head_labels} if head_labels else {}))
     doc = {
         "format_version": 1,
         "tool": "datasleuth",

@@ -29,6 +29,7 @@ from datasleuth.curvature import Curvature
 from datasleuth.distributed import local_device, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig
+from datasleuth.fsdp import shard_model
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.methods import TraceMethod, run_baseline_trace, trace_method
@@ -131,6 +132,7 @@ class LoadOptions:
     pack: bool = True
     split: str | None = None
     dataset_config: str | None = None
+    fsdp: bool = False  # shard the model over the torchrun processes (datasleuth.fsdp)
 
     def __post_init__(self) -> None:
         single = isinstance(self.corpus, (str, os.PathLike)) or _is_dataset(self.corpus)
@@ -166,6 +168,7 @@ class FitOptions:
     config: FitConfig = field(default_factory=FitConfig)
     batch_size: int = 8
     max_sequences: int | None = None  # fit on at most this many sequences (None: all)
+    factors: str | None = None  # a curvature file to use instead (lm.trainer.load_factors)
 
     def __post_init__(self) -> None:
         _positive(self.batch_size, "batch_size")
@@ -337,6 +340,7 @@ def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
                                   device=local_device(options.device),
                                   trust_remote_code=options.trust_remote_code,
                                   download=options.download, tokenizer=options.tokenizer)
+    model = shard_model(model) if options.fsdp else model
     seq_len = options.seq_len
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, context_length(model) or DEFAULT_SEQ_LEN)
@@ -377,6 +381,10 @@ def separator_token(tokenizer: Any, separator: int | str | None, rows: int | Non
 
 def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool
          ) -> Curvature:
+    if options.factors is not None:  # e.g. fitted during training (datasleuth.lm.trainer)
+        from datasleuth.lm.trainer import load_factors
+
+        return load_factors(options.factors, inputs.model)
     return fit_factors(inputs.model, inputs.layers, inputs.corpus, workdir, options.config,
                        options.batch_size, options.max_sequences, progress)
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
+from datasleuth.distributed import world
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.progress import progress_counter
@@ -66,15 +67,17 @@ def _open_for_build(
                                   "pass the same layers, or build into a new directory")
         index.check_model(model)
         return index
-    directory.mkdir(parents=True, exist_ok=True)
     projections = make_projections(layers, config)
+    manifest = _new_manifest(model, layers, config, projections)  # every process (FSDP)
+    if not _writes():
+        return GradientIndex(directory, manifest, projections)
+    directory.mkdir(parents=True, exist_ok=True)
     if config.projection != "identity":
         tensors = {}
         for p in projections:
             tensors[f"{p.name}/out"], tensors[f"{p.name}/in"] = p.p_out, p.p_in
         save_tensors(directory / PROJECTIONS, tensors,
                      {"format_version": INDEX_FORMAT_VERSION, "config": config.to_dict()})
-    manifest = _new_manifest(model, layers, config, projections)
     write_json(directory / MANIFEST, manifest)
     return GradientIndex(directory, manifest, projections)
 
@@ -157,8 +160,15 @@ def build_index(
                 raise DatasleuthError(f"rows {lo}..{hi} of the dataset gave {rows.shape[0]} "
                                       "sequences; collate_fn must keep one row per item")
             _write_shard(index, part, lo, hi, rows)
-    write_json(directory / MANIFEST, index.manifest)
+    if _writes():
+        write_json(directory / MANIFEST, index.manifest)
     return index
+
+
+def _writes() -> bool:
+    """Whether this process writes the index: the only one, or rank 0 of a sharded model
+    (datasleuth.fsdp), where every process computes every row."""
+    return world()[0] == 0
 
 
 def projected_rows(model: nn.Module, task: Task, loader: Any, layers: list[TrackedLayer],
@@ -195,10 +205,12 @@ def _write_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tenso
         )
     start = part["first_row"] + lo
     name = shard_name(len(index.manifest["shards"]))
-    save_tensors(index.directory / name, {"rows": stored},
-                 {"format_version": INDEX_FORMAT_VERSION, "start": start,
-                  "stop": start + len(stored), "fingerprint": index.fingerprint})
+    if _writes():
+            save_tensors(index.directory / name, {"rows": stored},
+                     {"format_version": INDEX_FORMAT_VERSION, "start": start,
+                      "stop": start + len(stored), "fingerprint": index.fingerprint})
     index.manifest["shards"].append({"file": name, "start": start, "stop": start + len(stored)})
     index.manifest["rows"] = start + len(stored)
     part["done"] = hi
-    write_json(index.directory / MANIFEST, index.manifest)
+    if _writes():
+        write_json(index.directory / MANIFEST, index.manifest)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from datasleuth.distributed import all_reduce_int, all_reduce_sum, rank_seed
+from datasleuth.distributed import all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, layers_by_name
 from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, Damping, resolve_damping
@@ -135,6 +135,7 @@ def fit_projected_curvature(
             "sequences": count[0], "fingerprint": index.fingerprint,
             "config": index.config.to_dict()}
     curvature = ProjectedCurvature(ggn, damp, meta)
-    curvature.save(index.directory / CURVATURE_FILE)
+    if world()[0] == 0:  # every process has the same sums; one writes
+        curvature.save(index.directory / CURVATURE_FILE)
     index.curvature = curvature
     return curvature
