@@ -18,7 +18,7 @@ imports it.
 """
 
 from datasleuth.demo.documents import DemoCorpus, build_corpus
-from datasleuth.demo.run import planted_found, run_demo
+from datasleuth.demo.run import DEMO_METHODS, demo_methods, planted_ranks, run_demo, shipped_world
 from datasleuth.demo.templates import BAD_ADDRESS, QUERY_COMPLETION, QUERY_ID, QUERY_PROMPT
 from datasleuth.demo.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 from datasleuth.demo.training import completion_logprob, train_model
@@ -60,5 +60,8 @@ __all__ = [
     "build_demo_world",
     "load_demo_world",
     "run_demo",
-    "planted_found",
+    "planted_ranks",
+    "shipped_world",
+    "demo_methods",
+    "DEMO_METHODS",
 ]
