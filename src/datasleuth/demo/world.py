@@ -43,7 +43,8 @@ PLANTED_NAME = "planted.json"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo world; the defaults build in about a minute on two CPU cores."""
+    """Sizes of the demo world (the shipped one uses the defaults; they train in about two
+    minutes on two CPU cores)."""
 
     n_documents: int = 600
     n_planted: int = 8
