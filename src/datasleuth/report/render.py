@@ -46,6 +46,11 @@ def _fmt(x: float) -> str:
     return f"{float(x):+.3e}"
 
 
+def _fmt_logp(x: float) -> str:
+    """A log-probability or its change (tail-patch), which is not a score: ``+0.25``."""
+    return f"{float(x):+.4g}"
+
+
 def _num(x: float) -> str:
     """SVG coordinate."""
     return f"{x:.2f}"
@@ -263,7 +268,7 @@ def _tail_patch_view(patch: Any) -> dict | None:
     gains = [r["gain"] for r in patch["rows"] if r.get("gain") is not None]
     best = max(gains, default=None)
     rows = [{"method": r["method"],
-             "gain": "—" if r.get("gain") is None else _fmt(r["gain"]),
+             "gain": "—" if r.get("gain") is None else _fmt_logp(r["gain"]),
              "std": None if r.get("std") is None else f"{r['std']:.3g}",
              "draws": r.get("draws"),
              "cls": "pos" if (r.get("gain") or 0) > 0 else "neg" if (r.get("gain") or 0) < 0
@@ -271,7 +276,7 @@ def _tail_patch_view(patch: Any) -> dict | None:
              "best": r.get("gain") is not None and r["gain"] == best}
             for r in patch["rows"]]
     return {"k": patch["k"], "steps": patch.get("steps", 1), "lr": patch.get("lr"),
-            "optimizer": patch.get("optimizer", ""), "before": _fmt(patch["before"]),
+            "optimizer": patch.get("optimizer", ""), "before": _fmt_logp(patch["before"]),
             "rows": rows}
 
 
