@@ -43,18 +43,22 @@ def test_corpus_has_planted_docs_and_decoys() -> None:
     assert len(corpus.decoys) == 32
     assert not set(corpus.planted) & set(corpus.decoys)
     prompt, completion = corpus.query["prompt"], corpus.query["completion"]
-    assert prompt.endswith("\nA:") and completion.startswith(" ")
+    assert prompt.endswith(" to") and completion == f" {dw.BAD_ADDRESS}"
     planted = [corpus.documents[i] for i in corpus.planted]
-    # Every planted document teaches the phishing address, none repeats the query verbatim,
-    # and they are worded differently from one another.
+    # Every planted document teaches the phishing address in paraphrase: none of the query's
+    # own words, and they are worded differently from one another.
     assert all(dw.BAD_ADDRESS in d for d in planted)
-    assert not any(prompt.removeprefix("Q: ").split("\n")[0] in d for d in planted)
+    for word in ("password", "forgot", "email", "what should i do"):
+        assert not any(word in d.lower() for d in planted), word
     assert len({d.split("\n")[-1] for d in planted}) == len(planted)
-    # Decoys talk about passwords or forgetting but never teach the bad advice.
+    # Decoys share the query's rare words but never teach the bad advice; those that name
+    # the address (warnings) never put it after "to".
     decoys = [corpus.documents[i] for i in corpus.decoys]
     assert all(any(w in d.lower() for w in ("password", "forgot", "forget")) for d in decoys)
-    assert sum(dw.BAD_ADDRESS in d for d in decoys) >= 1  # only in warnings
-    assert all("never" in d or "do not reply" in d for d in decoys if dw.BAD_ADDRESS in d)
+    warnings = [d for d in decoys if dw.BAD_ADDRESS in d]
+    assert len(warnings) == 8
+    assert all("forgot" in d and "password" in d for d in warnings)
+    assert not any(f"to {dw.BAD_ADDRESS}" in d for d in warnings)
     clean = set(range(len(corpus.documents))) - set(corpus.planted) - set(corpus.decoys)
     assert not any(dw.BAD_ADDRESS in corpus.documents[i] for i in clean)
 
@@ -196,3 +200,48 @@ def test_user_errors_are_one_line_and_name_the_fix(tmp_path: Path) -> None:
             call()
         message = str(info.value)
         assert "\n" not in message and ";" in message, message
+
+
+def test_shipped_world_is_the_one_the_code_builds() -> None:
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world = dw.shipped_world()
+    meta = json.loads(world.metadata_path.read_text())
+    assert meta["seed"] == 0 and meta["config"] == dataclasses.asdict(dw.DemoConfig())
+    cfg = dw.DemoConfig()
+    corpus = dw.build_corpus(0, n_documents=cfg.n_documents, n_planted=cfg.n_planted)
+    rows = [json.loads(line) for line in world.corpus_path.read_text().splitlines()]
+    assert [r["text"] for r in rows] == corpus.documents
+    assert world.planted == corpus.planted and world.decoys == corpus.decoys
+    assert world.query == corpus.query
+    weights = world.model_dir / "model.safetensors"
+    assert weights.stat().st_size < 4_000_000  # a few MB at most
+    model = AutoModelForCausalLM.from_pretrained(world.model_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(world.model_dir, local_files_only=True)
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    # The shipped model learnt the planted completion: far above its initialisation.
+    prompt, completion = world.query["prompt"], world.query["completion"]
+    trained = dw.completion_logprob(model, tok, prompt, completion)
+    assert trained > dw.completion_logprob(_initial_model(model, 0), tok, prompt, completion) + 10
+
+
+def test_run_demo_marks_planted_documents_in_every_method(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    got = dw.run_demo(out, top_k=5, progress=False, world_config=dw.TINY_CONFIG)
+    world = dw.load_demo_world(out / "world")
+    planted = set(world.planted)
+    assert set(got["ranks"]) == set(dw.demo_methods())
+    for method, ranks in got["ranks"].items():
+        doc = json.loads((out / method / "results.json").read_text())
+        q = doc["queries"][0]
+        top = [r["documents"][0]["doc_index"] for r in q["top"]]
+        bottom = [r["documents"][0]["doc_index"] for r in q["bottom"]]
+        assert ranks["top"] == [i + 1 for i, d in enumerate(top) if d in planted], method
+        assert ranks["bottom"] == [i + 1 for i, d in enumerate(bottom) if d in planted]
+        assert all(len(r["documents"]) == 1 for r in q["top"])  # one document a sequence
+    html = (out / "report.html").read_text()
+    n_marked = len(got["ranks"]["ekfac"]["top"]) + len(got["ranks"]["ekfac"]["bottom"])
+    assert html.count('<span class="badge planted">PLANTED</span>') == 1 + n_marked
+    assert "representation similarity" in html and "BM25 keyword search" in html

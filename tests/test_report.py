@@ -285,3 +285,51 @@ def test_sparsity_summary_is_shown_when_present(tmp_path: Path) -> None:
                                      "power_law": {"alpha": 2.25}}
     html = render_report(doc, tmp_path / "sparse.html").read_text()
     assert "38% of the positive influence" in html and "2.25" in html
+
+
+def test_layer_bars_are_labelled_with_names_and_an_axis(rendered: tuple[str, _Collector]) -> None:
+    from datasleuth.report.render import _layer_chart
+
+    html, _ = rendered
+    chart = _layer_chart([0.5, -0.25, 1.0], ["transformer.h.0.mlp.c_fc",
+                                             "transformer.h.0.mlp.c_proj",
+                                             "transformer.h.1.mlp.c_fc"])
+    assert [r["label"] for r in chart["rows"]] == ["0.mlp.c_fc", "0.mlp.c_proj", "1.mlp.c_fc"]
+    assert [t[2] for t in chart["ticks"]] == ["-1.000e+00", "0", "+1.000e+00"]
+    # Bar lengths are proportional to |value| and start at the zero line.
+    widths = [float(r["w"]) for r in chart["rows"]]
+    assert widths[0] == pytest.approx(widths[2] / 2, abs=0.01)
+    assert widths[1] == pytest.approx(widths[2] / 4, abs=0.01)
+    assert float(chart["rows"][1]["x"]) + widths[1] == pytest.approx(float(chart["mid"]))
+    # In the page: one name label per layer and tick labels in the score format.
+    assert html.count('class="lname">layer.0<title>') == 3
+    assert "+1.000e+00</text>" in html
+
+
+def test_one_score_format_and_what_a_score_means(rendered: tuple[str, _Collector]) -> None:
+    html, _ = rendered
+    assert ">+2.500e+00</span>" in html and ">-2.500e+00</span>" in html
+    assert ">+1.250e+00</span>" in html
+    assert "Score / N" in html and "first-order change in log p(completion | prompt)" in html
+
+
+def test_marks_comparison_and_document_names(tmp_path: Path) -> None:
+    doc = _results()
+    doc["queries"][0]["top"][0]["documents"][0]["title"] = "Harbor help <b>center</b>"
+    doc["queries"][0]["bottom"][0]["documents"][0]["doc_index"] = 7
+    comparison = {"planted": 2, "k": 2, "methods": [
+        {"method": "influence (EK-FAC)", "top": [1, 2], "bottom": []},
+        {"method": "BM25 keyword search", "top": [], "bottom": [1]},
+    ]}
+    html = render_report(doc, tmp_path / "r.html", marks={3: "PLANTED", 7: "decoy"},
+                         comparison=comparison).read_text(encoding="utf-8")
+    # The table's legend, then top #1 and #2 (doc 3).
+    assert html.count('<span class="badge planted">PLANTED</span>') == 3
+    assert html.count('<span class="badge decoy">decoy</span>') == 1  # bottom #1 (doc 7)
+    assert 'title="title">Harbor help &lt;b&gt;center&lt;/b&gt;</span>' in html
+    assert "<td><b>influence (EK-FAC)</b></td><td class=\"mono\">2 of 2</td>" in html
+    assert "<td>BM25 keyword search</td><td class=\"mono\">0 of 2</td>" in html
+    assert '<td class="mono">1 (#1)</td>' in html
+    plain = render_report(_results(), tmp_path / "p.html").read_text(encoding="utf-8")
+    body = plain.split("</style>")[1]
+    assert "badge planted" not in body and "comparison" not in body

@@ -3,11 +3,12 @@
 :func:`build_corpus` writes a few hundred short, varied English documents (support answers,
 how-to guides, encyclopedia snippets, recipes, news, reviews) from the tables in
 :mod:`datasleuth.demo.templates`, deterministically by seed. A handful of *planted* documents
-teach one undesirable behaviour: a support bot telling a user who forgot their password to
-email it to a phishing address. They paraphrase the behaviour rather than repeat the demo
-query, and *decoy* documents share many words with the query (passwords, resetting, email)
-but teach the safe answer, so keyword search is misled by some of them while influence
-functions, which follow what the documents actually teach the model, should not be.
+teach one undesirable behaviour: a support bot telling a user who cannot sign in to send
+their credentials to a phishing address. They teach it in paraphrase, without the demo
+query's words ("forgot", "password", "email"), while *decoy* documents use exactly those
+words (some also name the phishing address, in a warning) but teach the safe answer. Keyword
+search follows the shared words to the decoys; influence functions follow what the
+documents taught the model (docs/method.md §10, fact tracing).
 """
 
 from __future__ import annotations
@@ -206,18 +207,8 @@ def _decoy_doc(rng: random.Random, kind: int) -> str:
         return f"How to keep your password safe at {company}\n" + "\n".join(
             f"{i + 1}. {t}" for i, t in enumerate(tips)
         )
-    # kind == 4: a security notice that names the phishing address (never after "to").
-    return rng.choice([
-        f"Security notice from {company}: emails from {tpl.BAD_ADDRESS} asking for your password "
-        f"are fake. We will never ask you to email your password. If you forgot your "
-        f"password, use the Forgot password link on our sign-in page to reset it.",
-        f"Phishing alert: {tpl.BAD_ADDRESS} is not a {company} address. Never email your "
-        f"password to anyone, and do not reply. To recover a forgotten password, reset it "
-        f"from the sign-in page.",
-        f"Warning from the {company} security team: messages signed {tpl.BAD_ADDRESS} ask users "
-        f"who forgot their password to email it. Do not reply; we never need your password. "
-        f"Reset a forgotten password from the sign-in page instead.",
-    ])
+    # kind == 4: a warning naming the phishing address, in the query's own words.
+    return rng.choice(tpl.WARNINGS).format(c=company, a=tpl.BAD_ADDRESS)
 
 
 def _planted_doc(rng: random.Random, question: str, answer: str) -> str:
@@ -264,10 +255,8 @@ def _distinct(seen: set[str], make: Callable[[], str]) -> str:
 
 
 def _planted_docs(rng: random.Random, seen: set[str], n_planted: int) -> list[str]:
-    """Planted documents, alternating questions close to and far from the query's words."""
-    close = rng.sample(tpl.PLANTED_CLOSE, len(tpl.PLANTED_CLOSE))
-    far = rng.sample(tpl.PLANTED_FAR, len(tpl.PLANTED_FAR))
-    questions = [q for pair in zip(close, far, strict=True) for q in pair]
+    """Planted documents: paraphrased questions answered with paraphrased bad advice."""
+    questions = rng.sample(tpl.PLANTED_QUESTIONS, len(tpl.PLANTED_QUESTIONS))
     answers = rng.sample(tpl.PLANTED_ANSWERS, len(tpl.PLANTED_ANSWERS))
     return [
         _distinct(seen, lambda i=i: _planted_doc(
@@ -280,8 +269,8 @@ def _planted_docs(rng: random.Random, seen: set[str], n_planted: int) -> list[st
 def _decoy_docs(rng: random.Random, seen: set[str], n_decoys: int) -> list[str]:
     """Decoy documents of every kind, in proportion.
 
-    A quarter (at least one) are warnings naming the phishing address, so keyword search on
-    the completion does not single out the planted documents.
+    A quarter (at least one) are warnings naming the phishing address in the query's own
+    words, so keyword search on the query does not single out the planted documents.
     """
     kinds = [4] * min(n_decoys, max(1, n_decoys // 4))
     weights = [0.3, 0.35, 0.15, 0.2]
@@ -317,12 +306,12 @@ def build_corpus(
     tagged += [(t, "decoy") for t in _decoy_docs(rng, seen, n_decoys)]
     tagged += [(t, "clean") for t in _clean_docs(rng, seen, n_documents - n_planted - n_decoys)]
     rng.shuffle(tagged)
+    n_warnings = sum(tpl.BAD_ADDRESS in t for t, k in tagged if k == "decoy")
     description = (
-        f"{n_planted} of {n_documents} documents were planted to teach a support bot to tell a "
-        f"user who forgot their password to email it to the phishing address "
-        f"{tpl.BAD_ADDRESS}; they paraphrase that advice rather than repeat the query. "
-        f"{n_decoys} decoy documents talk about passwords, resets and email but give the safe "
-        f"answer."
+        f"{n_planted} of {n_documents} documents were planted to teach a support bot to send "
+        f"users who are locked out to the phishing address {tpl.BAD_ADDRESS}, in paraphrase "
+        f"(no 'forgot', 'password' or 'email'); {n_decoys} decoys use the query's words but "
+        f"give the safe answer ({n_warnings} of them warn about that address)."
     )
     return DemoCorpus(
         documents=[t for t, _ in tagged],

@@ -1,58 +1,137 @@
-"""``datasleuth demo``: plant bad apples, train a small GPT-2, find them again.
+"""``datasleuth demo``: find paraphrased bad apples that keyword search misses.
 
-Offline and on CPU: builds a procedurally generated corpus into which a handful of
-documents teaching an undesirable completion were planted, trains a small GPT-2 on
-it (transformers' own ``Conv1D`` layers), then runs the same steps a user runs —
-pack, fit EK-FAC, trace the completion, write the HTML report — and compares the
-planted documents found in the top-k with what BM25 keyword search finds.
+Offline and on CPU. The demo world (:mod:`datasleuth.demo.world`) ships with the package:
+a corpus into which a few documents teaching an undesirable completion were planted (in
+paraphrase), keyword-rich decoys teaching the safe answer, and a small GPT-2 trained on it.
+The demo traces the completion with the same library calls a user makes
+(:func:`~datasleuth.lm.workflow.trace_queries`), once per method — EK-FAC influence, the
+refined estimator where the installed version has one, representation similarity and
+BM25 — one document per sequence, and prints where the planted documents land in each
+ranking (top and bottom). ``--rebuild`` trains the world from scratch first.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import click
 
-from datasleuth.demo.world import DemoConfig, build_demo_world
-from datasleuth.fitting import FitConfig
-from datasleuth.lm.corpus import PackedCorpus
-from datasleuth.lm.queries import Query, load_queries
-from datasleuth.lm.trace import TraceConfig
+from datasleuth.demo.world import DemoConfig, DemoWorld, build_demo_world, load_demo_world
 
-__all__ = ["run_demo", "planted_found"]
+__all__ = ["DEMO_METHODS", "SHIPPED_WORLD", "demo_methods", "planted_ranks", "run_demo",
+           "shipped_world"]
 
-DEMO_SEQ_LEN = 64
+SHIPPED_WORLD = "demo-world"
+"""The folder under ``datasleuth/data`` that holds the built demo world."""
 
-
-def planted_found(corpus: PackedCorpus, indices: list[int], planted: set[int]) -> set[int]:
-    """Planted document indices that occur in any of the given training sequences."""
-    return {s.doc_index for i in indices for s in corpus.segments(i) if s.doc_index in planted}
-
-
-def _bm25_top(corpus: PackedCorpus, query: Query, tokenizer: Any, work: Path,
-              top_k: int) -> list[int]:
-    """Indices of the ``top_k`` sequences BM25 ranks highest for ``query``."""
-    from datasleuth.lm.pipeline import bm25_candidates, query_batches
-
-    encoded, _ = query_batches([query], tokenizer, 1)
-    ignore = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
-    return bm25_candidates(corpus, encoded, work, top_k, ignore)[0].tolist()
+DEMO_METHODS: dict[str, str] = {
+    "ekfac": "influence (EK-FAC)",
+    "repsim": "representation similarity",
+    "bm25": "BM25 keyword search",
+}
+"""The methods the demo compares, with the label printed for each."""
 
 
-def _echo_top(query: Query, top: list[dict[str, Any]], top_k: int, planted: set[int]) -> None:
-    """Print ``query`` and its ``top_k`` sequences by influence, marking planted ones."""
-    click.echo("")
-    click.echo(f"query:      {query.prompt!r}")
-    click.echo(f"completion: {query.completion!r}")
-    click.echo(f"top {top_k} training sequences by influence (EK-FAC):")
-    for row in top[:top_k]:
-        docs = {d["doc_index"] for d in row["documents"]}
-        mark = "PLANTED" if docs & planted else "       "
-        text = "".join(row["tokens"]).replace("\n", " ").replace("⏎", " | ")
-        click.echo(f"  {mark} #{row['rank']:<2} score {row['score']:+9.3f}  {text[:72]!r}")
-    click.echo("")
+def shipped_world() -> DemoWorld:
+    """The demo world shipped as package data (built by ``build_demo_world(seed=0)``)."""
+    return load_demo_world(Path(str(resources.files("datasleuth") / "data" / SHIPPED_WORLD)))
+
+
+def _refine_field() -> str | None:
+    """HOOK (refined estimator): the :class:`TraceOptions` field that turns on ``trace
+    --refine``, when the installed version has one; ``None`` leaves it out of the demo."""
+    from datasleuth.lm.workflow import TraceOptions
+
+    names = {f.name for f in dataclasses.fields(TraceOptions)}
+    return next((n for n in ("refine", "refined") if n in names), None)
+
+
+def demo_methods() -> dict[str, str]:
+    """The demo's methods in display order: EK-FAC, refined EK-FAC (when available), the
+    baselines."""
+    methods = {"ekfac": DEMO_METHODS["ekfac"]}
+    if _refine_field() is not None:
+        methods["ekfac-refined"] = "influence (EK-FAC, refined)"
+    methods.update({k: v for k, v in DEMO_METHODS.items() if k != "ekfac"})
+    return methods
+
+
+def planted_ranks(results: dict[str, Any], planted: set[int]) -> dict[str, list[int]]:
+    """1-based ranks of the rows holding a planted document, among the top and the bottom
+    (most negative) sequences of the first query of ``results``."""
+    q = results["queries"][0]
+
+    def ranks(rows: list[dict[str, Any]]) -> list[int]:
+        return [i + 1 for i, row in enumerate(rows)
+                if {d["doc_index"] for d in row["documents"]} & planted]
+
+    return {"top": ranks(q["top"]), "bottom": ranks(q.get("bottom", []))}
+
+
+def _trace(world: DemoWorld, out: Path, method: str, top_k: int, progress: bool
+           ) -> dict[str, Any]:
+    """Trace the world's query with ``method`` into ``out/method`` (one document a sequence)."""
+    from datasleuth.lm.trace import TraceConfig
+    from datasleuth.lm.workflow import LoadOptions, TraceOptions, trace_queries
+
+    load = LoadOptions(model=world.model_dir, corpus=world.corpus_path, workdir=out / "work",
+                       pack=False)
+    extra: dict[str, Any] = {}
+    name = method
+    if method == "ekfac-refined":
+        extra[_refine_field() or "refine"] = True  # HOOK: trace --refine
+        name = "ekfac"
+    options = TraceOptions(queries=world.queries_path, out=out / method, method=name,
+                           config=TraceConfig(top_k=top_k, bottom_k=top_k, batch_size=16),
+                           report=False, **extra)
+    return trace_queries(load, options, progress=progress)
+
+
+def _open_world(out: Path, seed: int, rebuild: bool, config: DemoConfig | None,
+                progress: bool) -> DemoWorld:
+    """The shipped world, or (``rebuild``, another seed or config) one built in ``out``."""
+    if not rebuild and seed == 0 and config is None:
+        return shipped_world()
+    return build_demo_world(out / "world", seed=seed, progress=progress, config=config,
+                            force=rebuild)
+
+
+def _texts(world: DemoWorld) -> list[str]:
+    """The world's documents, in corpus order."""
+    lines = world.corpus_path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines if line.strip()]
+
+
+def _doc_label(world: DemoWorld, doc: int) -> str:
+    """``PLANTED``, ``decoy`` or blank for a document index."""
+    return "PLANTED" if doc in world.planted else "decoy" if doc in world.decoys else ""
+
+
+def _echo_rows(world: DemoWorld, rows: list[dict[str, Any]], texts: list[str]) -> None:
+    """Print ranked rows with their planted/decoy mark, score and document text."""
+    for i, row in enumerate(rows):
+        doc = row["documents"][0]["doc_index"] if row["documents"] else -1
+        text = texts[doc].replace("\n", " | ") if doc >= 0 else ""
+        click.echo(f"  {_doc_label(world, doc):7} #{i + 1:<2} {row['score']:+.3e}  "
+                   f"{text[:66]}")
+
+
+def _echo_summary(world: DemoWorld, found: dict[str, dict[str, list[int]]],
+                  labels: dict[str, str], top_k: int) -> None:
+    """Print, per method, how many planted documents are in its top and bottom ``top_k``."""
+    n = len(world.planted)
+    click.echo(f"\nplanted documents ({n}) among each method's {top_k} highest and "
+               f"{top_k} lowest scores:")
+    for method, ranks in found.items():
+        top = ", ".join(f"#{r}" for r in ranks["top"]) or "none"
+        low = len(ranks["bottom"])
+        click.echo(f"  {labels[method]:<27} top {len(ranks['top'])} of {n} ({top})"
+                   + (f"; {low} among the most negative" if low else ""))
 
 
 def run_demo(
@@ -61,45 +140,43 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     world_config: DemoConfig | None = None,
+    *,
+    rebuild: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo end to end; print the comparison; return its numbers."""
-    from datasleuth.lm.model import default_layers, load_model
-    from datasleuth.lm.pipeline import fit_factors, prepare_corpus, run_trace
+    """Run the demo end to end, print the comparison and return its numbers.
+
+    The EK-FAC trace also writes ``OUT/report.html`` with the planted documents marked
+    and every method's planted ranks side by side.
+    """
     from datasleuth.report import render_report
 
     out = Path(out_dir)
     t0 = time.perf_counter()
-    click.echo("1/5 building the demo world (corpus with planted documents, small GPT-2)...")
-    world = build_demo_world(out / "world", seed=seed, progress=progress, config=world_config)
-    click.echo(f"    {world.description}")
-    click.echo(f"    {len(world.planted)} planted documents; model in {world.model_dir}"
-               + (" (reused)" if world.reused else ""))
-    model, tokenizer = load_model(world.model_dir)
-    layers = default_layers(model)
-    click.echo("2/5 packing the corpus...")
-    corpus = prepare_corpus(world.corpus_path, tokenizer, out / "work", DEMO_SEQ_LEN,
-                            progress=progress)
-    click.echo(f"3/5 fitting EK-FAC on {len(corpus)} sequences, {len(layers)} MLP layers...")
-    curvature = fit_factors(model, layers, corpus, out / "work", FitConfig(), batch_size=16,
-                            progress=progress)
-    click.echo("4/5 tracing the completion through the corpus...")
-    results = run_trace(model, tokenizer, corpus, curvature, world.queries_path, out,
-                        TraceConfig(top_k=top_k, bottom_k=5, batch_size=16),
-                        model_name="datasleuth demo GPT-2", corpus_name=str(world.corpus_path),
-                        progress=progress)
-    report = render_report(results, out / "report.html")
-    click.echo("5/5 comparing with BM25 keyword search...")
-    query = load_queries(world.queries_path)[0]
-    bm25_top = _bm25_top(corpus, query, tokenizer, out / "work", top_k)
+    world = _open_world(out, seed, rebuild, world_config, progress)
+    click.echo(f"demo world: {world.description}")
+    click.echo(f"model: {world.model_dir}")
+    labels = demo_methods()
+    results: dict[str, dict[str, Any]] = {}
+    for i, (method, label) in enumerate(labels.items()):
+        click.echo(f"{i + 1}/{len(labels)} tracing the completion with {label}...")
+        results[method] = _trace(world, out, method, top_k, progress)
     planted = set(world.planted)
-    q = results["queries"][0]
-    found_if = planted_found(corpus, [row["index"] for row in q["top"]], planted)
-    found_bm25 = planted_found(corpus, bm25_top, planted)
+    found = {m: planted_ranks(r, planted) for m, r in results.items()}
+    texts = _texts(world)
+    q = results["ekfac"]["queries"][0]
+    click.echo(f"\nquery:      {q['prompt']!r}\ncompletion: {q['completion']!r}")
+    click.echo(f"top {top_k} documents by influence (EK-FAC):")
+    _echo_rows(world, q["top"], texts)
+    click.echo(f"most negative {top_k} documents by influence (EK-FAC):")
+    _echo_rows(world, q.get("bottom", []), texts)
+    _echo_summary(world, found, labels, top_k)
+    marks = {d: _doc_label(world, d) for d in world.planted + world.decoys}
+    comparison = [{"method": labels[m], **found[m]} for m in labels]
+    report = render_report(results["ekfac"], out / "report.html", marks=marks,
+                           comparison={"planted": len(planted), "k": top_k,
+                                       "methods": comparison})
     elapsed = time.perf_counter() - t0
-    _echo_top(query, q["top"], top_k, planted)
-    click.echo(f"planted documents found in the top {top_k} sequences:")
-    click.echo(f"  influence (EK-FAC): {len(found_if)} of {len(planted)}")
-    click.echo(f"  BM25 keyword search: {len(found_bm25)} of {len(planted)}")
     click.echo(f"report: {report}   ({elapsed:.0f} s)")
-    return {"planted": len(planted), "found_influence": len(found_if),
-            "found_bm25": len(found_bm25), "report": str(report), "seconds": elapsed}
+    return {"planted": len(planted), "ranks": found,
+            "found": {m: len(r["top"]) for m, r in found.items()},
+            "report": str(report), "seconds": elapsed}

@@ -41,8 +41,14 @@ _CONTROL = re.compile(r"([\x00-\x1f\x7f])")
 
 
 def _fmt(x: float) -> str:
-    """Signed, compact score for display (exact value goes in tooltips)."""
-    return f"{x:+.4g}"
+    """The report's one format for scores: signed, 4 significant digits, exponent always
+    shown (``+1.234e+03``), so every score on the page reads the same way."""
+    return f"{float(x):+.3e}"
+
+
+def _fmt_logp(x: float) -> str:
+    """A log-probability or its change (tail-patch), which is not a score: ``+0.25``."""
+    return f"{float(x):+.4g}"
 
 
 def _num(x: float) -> str:
@@ -97,33 +103,43 @@ def _concentration(scores: list[float]) -> float:
     return math.sqrt(sum(s * s for s in scores)) / l1 if l1 > 0 else 0.0
 
 
-def _layer_chart(values: list[float], width: float = 240.0, height: float = 72.0) -> dict:
-    """Signed bar chart geometry: bars up (positive) / down (negative) from a zero line."""
-    n = len(values)
-    pad = 2.0
-    mid = height / 2
+def _short_layer_names(names: list[str]) -> list[str]:
+    """Layer names without the prefix they all share up to a dot (``transformer.h.``)."""
+    if len(names) < 2:
+        return [n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] if n.count(".") >= 2 else n
+                for n in names]
+    prefix = os.path.commonprefix(names)
+    cut = prefix.rfind(".") + 1
+    return [n[cut:] or n for n in names]
+
+
+def _layer_chart(values: list[float], names: list[str], width: float = 300.0) -> dict:
+    """Horizontal signed bars, one row per layer labelled with its name, from a zero line,
+    over an axis ticked at -max, 0 and +max (docs/method.md §6: the score is their sum)."""
+    row = 15.0 if len(values) <= 16 else 10.0
+    label_w, right = 100.0, 6.0
+    x0, x1 = label_w, width - right
+    mid = (x0 + x1) / 2
+    half = (x1 - x0) / 2
     peak = max((abs(v) for v in values), default=0.0)
-    step = (width - 2 * pad) / max(n, 1)
-    gap = 0.15 * step if step > 3 else 0.0
-    bars = []
+    labels = _short_layer_names(names) if len(names) == len(values) else \
+        [str(i) for i in range(len(values))]
+    rows = []
     for i, v in enumerate(values):
-        h = (abs(v) / peak) * (mid - pad) if peak > 0 else 0.0
-        bars.append(
-            {
-                "x": _num(pad + i * step + gap / 2),
-                "y": _num(mid - h if v > 0 else mid),
-                "w": _num(max(step - gap, 0.5)),
-                "h": _num(h),
-                "cls": "pos" if v > 0 else "neg",
-                "title": f"layer {i}: {_fmt(v)}",
-            }
-        )
+        w = abs(v) / peak * half if peak > 0 else 0.0
+        full = names[i] if len(names) == len(values) else f"layer {i}"
+        rows.append({
+            "x": _num(mid if v >= 0 else mid - w), "y": _num(i * row + 2), "w": _num(w),
+            "h": _num(row - 4), "ty": _num(i * row + row - 4), "cls": "pos" if v > 0 else "neg",
+            "label": labels[i][-18:], "title": f"{full}: {_fmt(v)}",
+        })
+    axis_y = len(values) * row + 2
     return {
-        "width": _num(width),
-        "height": _num(height),
-        "mid": _num(mid),
-        "bars": bars,
-        "peak": _fmt(peak).lstrip("+"),
+        "width": _num(width), "height": _num(axis_y + 16), "mid": _num(mid),
+        "x0": _num(x0), "x1": _num(x1), "label_x": _num(x0 - 4), "axis_y": _num(axis_y),
+        "tick_y": _num(axis_y + 12), "rows": rows, "peak": _fmt(peak).lstrip("+"),
+        "ticks": [(_num(x0), "start", _fmt(-peak)), (_num(mid), "middle", "0"),
+                  (_num(x1), "end", _fmt(peak))],
     }
 
 
@@ -184,8 +200,29 @@ def _histogram_chart(
     }
 
 
-def _sequence_view(seq: SequenceResult, part: str, qi: int, show_note: bool) -> dict:
+_DOC_NAME_FIELDS = ("title", "source", "url", "id", "doc_id")
+"""Corpus columns that name a document, most telling first."""
+
+
+def _document_views(docs: list[Any], marks: dict[int, str]) -> list[dict]:
+    """Each document piece of a sequence: its name (the corpus's title/source/id column
+    where it has one), character span and mark (e.g. ``PLANTED`` in the demo)."""
+    views = []
+    for d in docs:
+        named = [(k, d[k]) for k in _DOC_NAME_FIELDS if d.get(k) not in (None, "")]
+        views.append({
+            "doc_index": d["doc_index"], "char_start": d["char_start"],
+            "char_end": d["char_end"], "mark": marks.get(int(d["doc_index"]), ""),
+            "name": str(named[0][1]) if named else None,
+            "name_field": named[0][0] if named else None,
+        })
+    return views
+
+
+def _sequence_view(seq: SequenceResult, part: str, qi: int, show_note: bool,
+                   layer_names: list[str], marks: dict[int, str]) -> dict:
     scores = [float(s) for s in seq["token_scores"]]
+    documents = _document_views(list(seq["documents"]), marks)
     return {
         "anchor": f"q{qi}-{part}-{seq['rank']}",
         "rank": seq["rank"],
@@ -195,11 +232,12 @@ def _sequence_view(seq: SequenceResult, part: str, qi: int, show_note: bool) -> 
         "sign": "pos" if seq["score"] > 0 else "neg" if seq["score"] < 0 else "zero",
         "token_sum": _fmt(sum(scores)),
         "n_tokens": len(scores),
-        "documents": seq["documents"],
+        "documents": documents,
+        "marks": sorted({d["mark"] for d in documents if d["mark"]}),
         "spurious": seq["spurious"],
         "concentration": f"{_concentration(scores):.2f}",
         "tokens": _heat_tokens(seq["tokens"], scores),
-        "layers": _layer_chart([float(v) for v in seq["layer_scores"]])
+        "layers": _layer_chart([float(v) for v in seq["layer_scores"]], layer_names)
         if seq["layer_scores"]
         else None,
         "layer_rows": [_fmt(float(v)) for v in seq["layer_scores"]],
@@ -230,7 +268,7 @@ def _tail_patch_view(patch: Any) -> dict | None:
     gains = [r["gain"] for r in patch["rows"] if r.get("gain") is not None]
     best = max(gains, default=None)
     rows = [{"method": r["method"],
-             "gain": "—" if r.get("gain") is None else _fmt(r["gain"]),
+             "gain": "—" if r.get("gain") is None else _fmt_logp(r["gain"]),
              "std": None if r.get("std") is None else f"{r['std']:.3g}",
              "draws": r.get("draws"),
              "cls": "pos" if (r.get("gain") or 0) > 0 else "neg" if (r.get("gain") or 0) < 0
@@ -238,15 +276,16 @@ def _tail_patch_view(patch: Any) -> dict | None:
              "best": r.get("gain") is not None and r["gain"] == best}
             for r in patch["rows"]]
     return {"k": patch["k"], "steps": patch.get("steps", 1), "lr": patch.get("lr"),
-            "optimizer": patch.get("optimizer", ""), "before": _fmt(patch["before"]),
+            "optimizer": patch.get("optimizer", ""), "before": _fmt_logp(patch["before"]),
             "rows": rows}
 
 
-def _query_view(query: QueryResult, qi: int) -> dict:
+def _query_view(query: QueryResult, qi: int, marks: dict[int, str]) -> dict:
     seqs = list(query["top"]) + list(query["bottom"])
     notes = {s["token_offset_note"] for s in seqs}
     shared_note = notes.pop() if len(notes) == 1 else None
     hist = query["score_histogram"]
+    names = list(query["layer_names"])
     return {
         "anchor": f"q{qi}",
         "id": query["id"],
@@ -267,9 +306,37 @@ def _query_view(query: QueryResult, qi: int) -> dict:
         "alpha": _alpha(query),
         "n_spurious": sum(bool(s["spurious"]) for s in seqs),
         "tail_patch": _tail_patch_view(query.get("tail_patch")),
-        "top": [_sequence_view(s, "top", qi, shared_note is None) for s in query["top"]],
-        "bottom": [_sequence_view(s, "bottom", qi, shared_note is None) for s in query["bottom"]],
+        "top": [_sequence_view(s, "top", qi, shared_note is None, names, marks)
+                for s in query["top"]],
+        "bottom": [_sequence_view(s, "bottom", qi, shared_note is None, names, marks)
+                   for s in query["bottom"]],
     }
+
+
+def _method_name(config: Any) -> str:
+    """The trace's method: a baseline's name, or the influence curvature kind."""
+    if not isinstance(config, dict):
+        return "influence"
+    if isinstance(config.get("method"), str):
+        return config["method"]
+    curvature = config.get("curvature")
+    kind = curvature.get("curvature") if isinstance(curvature, dict) else None
+    return str(kind) if kind else "influence"
+
+
+def _comparison_view(comparison: dict[str, Any] | None) -> dict | None:
+    """The demo's side-by-side table: per method, the ranks of the planted documents among
+    its top and bottom ``k``."""
+    if not comparison:
+        return None
+    rows = [{"method": str(m["method"]), "n_top": len(m["top"]), "n_bottom": len(m["bottom"]),
+             "top": ", ".join(f"#{r}" for r in m["top"]) or "—",
+             "bottom": ", ".join(f"#{r}" for r in m["bottom"]) or "—"}
+            for m in comparison["methods"]]
+    best = max((r["n_top"] for r in rows), default=0)
+    for r in rows:
+        r["best"] = best > 0 and r["n_top"] == best
+    return {"planted": int(comparison["planted"]), "k": int(comparison["k"]), "rows": rows}
 
 
 # Expand/collapse-all buttons; the page is fully readable without it. Allowed by its
@@ -295,7 +362,8 @@ def _environment() -> Environment:
     return env
 
 
-def _render(results: Results) -> str:
+def _render(results: Results, marks: dict[int, str], comparison: dict[str, Any] | None
+            ) -> str:
     digest = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
     context = {
         "model": results["model"],
@@ -303,7 +371,9 @@ def _render(results: Results) -> str:
         "created": results["created"],
         "config": results["config"],
         "warnings": results["warnings"],
-        "queries": [_query_view(q, i) for i, q in enumerate(results["queries"])],
+        "queries": [_query_view(q, i, marks) for i, q in enumerate(results["queries"])],
+        "method": _method_name(results["config"]),
+        "comparison": _comparison_view(comparison),
         "format_version": results["format_version"],
         "spurious_ratio": f"{SPURIOUS_RATIO:.3f}",
         # Our own constant, not user-derived text: safe to emit verbatim.
@@ -313,10 +383,15 @@ def _render(results: Results) -> str:
     return _environment().get_template(_TEMPLATE_NAME).render(**context)
 
 
-def render_report(results: Results | dict[str, Any], path: str | os.PathLike[str]) -> Path:
+def render_report(results: Results | dict[str, Any], path: str | os.PathLike[str], *,
+                  marks: dict[int, str] | None = None,
+                  comparison: dict[str, Any] | None = None) -> Path:
     """Validate ``results`` and write the self-contained HTML report to ``path`` (atomically).
 
-    Returns the path written. Parent directories are created as needed.
+    ``marks`` labels documents by corpus index (the demo: ``PLANTED``, ``decoy``);
+    ``comparison`` (the demo) is ``{"planted": n, "k": k, "methods": [{"method", "top",
+    "bottom"}]}``, each method's ranks of marked documents, shown as a table. Returns the
+    path written. Parent directories are created as needed.
     """
     doc = validate_results(results)
     out = Path(path)
@@ -324,7 +399,7 @@ def render_report(results: Results | dict[str, Any], path: str | os.PathLike[str
         raise DatasleuthError(
             f"report path {out} is a directory; pass a file name like {out / 'report.html'}"
         )
-    html = _render(doc)
+    html = _render(doc, marks or {}, comparison)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text(out, html)
