@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
+from datasleuth.finite import check_sums, check_weights
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
@@ -128,6 +129,7 @@ def fit_curvature(
     """
     config = config or FitConfig()
     tracked = resolve_layers(model, layers)
+    check_weights(model)  # NaN/Inf weights: named here, not as NaN factors later
     rank, size = world()
     key = json.dumps([checkpoint_key, model_fingerprint(model, tracked), asdict(config),
                       [layer.name for layer in tracked], rank, size], sort_keys=True)
@@ -191,6 +193,7 @@ def _count_and_save(stats: dict[str, _Stats], end: BatchEnd, saver: _Checkpoint,
                     bases: dict, generator: torch.Generator) -> None:
     for s in stats.values():
         s.sequences += end.size
+    check_sums({n: [s.lam] for n, s in stats.items()}, "the eigenvalue sum", end.position)
     saver.save("eigenvalues", end.position + 1, stats, bases, generator)
 
 
@@ -327,6 +330,9 @@ def _covariance_callbacks(stats: dict[str, _Stats]):
         for name, s in stats.items():
             s.tokens += masked if masked is not None else positions[name]
             s.sequences += end.size
+        check_sums({n: s.a_cov for n, s in stats.items()}, "the input covariance", end.position)
+        check_sums({n: s.s_cov for n, s in stats.items()}, "the gradient covariance",
+                   end.position)
 
     return on_layer, on_batch
 
