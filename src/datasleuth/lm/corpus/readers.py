@@ -124,11 +124,33 @@ def expand_paths(
     return groups
 
 
+def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a file; invalid UTF-8 is refused naming the
+    file, the line and the byte."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasleuthError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                    f"{e.start + 1} of the line); re-save the file as UTF-8"
+                ) from None
+
+
+def _scan_text(files: Sequence[Path]) -> None:
+    """Refuse the first line of these text files that is not valid UTF-8."""
+    for f in files:
+        for _ in utf8_lines(f):
+            pass
+
+
 def _scan_json(files: Sequence[Path], text_field: str) -> None:
     """Find the first malformed record in JSON/JSONL files and raise a precise error."""
     for f in files:
         if f.suffix.lower() == ".json":
             try:
+                _scan_text([f])
                 json.loads(f.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise DatasleuthError(
@@ -136,27 +158,26 @@ def _scan_json(files: Sequence[Path], text_field: str) -> None:
                     "one object per line)"
                 ) from e
             continue
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasleuthError(
-                        f"{f}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line"
-                    ) from e
-                if not isinstance(obj, dict):
-                    raise DatasleuthError(
-                        f"{f}:{lineno}: expected a JSON object like {{\"{text_field}\": \"...\"}}, "
-                        f"got {type(obj).__name__}; write one object per line"
-                    )
-                value = obj.get(text_field)
-                if value is not None and not isinstance(value, str):
-                    raise DatasleuthError(
-                        f"{f}:{lineno}: field {text_field!r} is {type(value).__name__}, not a "
-                        "string; store the document text as a string"
-                    )
+        for lineno, line in utf8_lines(f):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasleuthError(
+                    f"{f}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line"
+                ) from e
+            if not isinstance(obj, dict):
+                raise DatasleuthError(
+                    f"{f}:{lineno}: expected a JSON object like {{\"{text_field}\": \"...\"}}, "
+                    f"got {type(obj).__name__}; write one object per line"
+                )
+            value = obj.get(text_field)
+            if value is not None and not isinstance(value, str):
+                raise DatasleuthError(
+                    f"{f}:{lineno}: field {text_field!r} is {type(value).__name__}, not a "
+                    "string; store the document text as a string"
+                )
 
 
 def check_columns(columns: Sequence[str] | None, text_field: str, where: str) -> None:
@@ -257,6 +278,8 @@ def _load_files(kind: str, files: list[Path], text_field: str, streaming: bool,
     except Exception as e:
         if kind == "json" and not streaming:  # name the malformed line if there is one
             _scan_json(files, text_field)
+        if kind == "text":
+            _scan_text(files)
         raise DatasleuthError(f"could not read {where} ({e}); check the file format") from e
     if streaming and kind == "json":
         ds = datasets.IterableDataset.from_generator(
@@ -391,7 +414,19 @@ def iter_batches(
     documents: Any, text_field: str, batch_size: int
 ) -> Iterator[DocumentBatch]:
     """Yield :class:`DocumentBatch` lists of (doc_index, text) from a Dataset,
-    IterableDataset or sequence of strings/dicts."""
+    IterableDataset or sequence of strings/dicts; text that is not UTF-8 is refused
+    naming the file and line where the documents came from files."""
+    try:
+        yield from _batches(documents, text_field, batch_size)
+    except UnicodeDecodeError as e:
+        files = [Path(f) for f in getattr(documents, SOURCES_ATTR, None) or []]
+        _scan_text([f for f in files if f.suffix.lower() not in (".parquet", ".arrow")
+                    and f.is_file()])
+        raise DatasleuthError(f"the corpus holds text that is not valid UTF-8 ({e.reason} at "
+                              f"byte {e.start}); re-save it as UTF-8") from None
+
+
+def _batches(documents: Any, text_field: str, batch_size: int) -> Iterator[DocumentBatch]:
     import datasets
 
     if isinstance(documents, datasets.Dataset):
