@@ -342,18 +342,35 @@ def load_curvature(
                 f"{path} was made with {key}={meta.get(key)!r}, not {value!r}; re-fit or "
                 "change the configuration to match"
             )
-    layers_out = {}
-    for name, lm in meta["layers"].items():
-        q_out = [tensors[f"{name}/q_out/{i}"] for i in range(lm["q_out_blocks"])]
-        q_in = [tensors[f"{name}/q_in/{i}"] for i in range(lm["q_in_blocks"])]
-        layers_out[name] = LayerCurvature(
-            tensors[f"{name}/eigenvalues"],
-            float(lm["damping"]),
-            Basis(q_out) if q_out else None,
-            Basis(q_in) if q_in else None,
-            tensors.get(f"{name}/s_eigenvalues"),
-            tensors.get(f"{name}/a_eigenvalues"),
-        )
+    layers_out = {name: _stored_layer(tensors, name, lm, path)
+                  for name, lm in meta["layers"].items()}
     kind = meta.pop("kind")
     meta.pop("layers")
     return Curvature(kind, layers_out, meta)
+
+
+def _stored_layer(tensors: dict[str, torch.Tensor], name: str, lm: dict,
+                  path: str | os.PathLike) -> LayerCurvature:
+    """One layer of a saved curvature; a missing tensor or a non-finite value is refused."""
+    def need(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise DatasleuthError(f"{path} is missing the tensor {key!r} (damaged or edited); "
+                                  "delete it and re-run `datasleuth fit`")
+        return tensors[key]
+
+    q_out = [need(f"{name}/q_out/{i}") for i in range(lm["q_out_blocks"])]
+    q_in = [need(f"{name}/q_in/{i}") for i in range(lm["q_in_blocks"])]
+    damping = float(lm["damping"])
+    eigenvalues = need(f"{name}/eigenvalues")
+    for key, value in [("eigenvalues", eigenvalues), ("damping", torch.tensor(damping))] + [
+            (f"eigenbasis {i}", q) for i, q in enumerate(q_out + q_in)]:
+        if not bool(torch.isfinite(value).all()):
+            raise DatasleuthError(f"{path}: layer {name}: the stored {key} hold NaN or Inf; "
+                                  "delete the file and re-run `datasleuth fit` (check the "
+                                  "model's weights)")
+    if damping <= 0:
+        raise DatasleuthError(f"{path}: layer {name}: the stored damping {damping} is not "
+                              "positive; delete the file and re-run `datasleuth fit`")
+    return LayerCurvature(eigenvalues, damping, Basis(q_out) if q_out else None,
+                          Basis(q_in) if q_in else None, tensors.get(f"{name}/s_eigenvalues"),
+                          tensors.get(f"{name}/a_eigenvalues"))
