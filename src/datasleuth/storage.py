@@ -37,6 +37,7 @@ __all__ = [
     "FORMAT_VERSION",
     "atomic_path",
     "replace_durably",
+    "check_writable",
     "write_bytes",
     "write_text",
     "write_json",
@@ -77,6 +78,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: Free bytes an output folder must have before a run starts (results, reports, snapshots).
+MIN_FREE_BYTES = 16 << 20
+
+
+def check_writable(folder: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, before any work, an output ``folder`` that cannot take files.
+
+    The folder (or, when it does not exist yet, its nearest existing parent) must be a
+    directory in which a file can be created, written and synced, on a file system with
+    at least :data:`MIN_FREE_BYTES` free. Nothing is left behind.
+    """
+    folder = Path(folder)
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        what = "is a file" if probe_dir == folder else f"is under the file {probe_dir}"
+        raise DatasleuthError(f"{option} {folder} {what}; give a folder")
+    try:
+        with atomic_path(probe_dir / ".datasleuth-write-probe") as tmp, open(tmp, "wb") as fh:
+            fh.write(b"\0" * 4096)
+        (probe_dir / ".datasleuth-write-probe").unlink()
+        free = shutil.disk_usage(probe_dir).free
+    except OSError as e:
+        raise DatasleuthError(f"cannot write to {option} {folder} ({e.strerror or e}); choose "
+                              "a writable folder with free space") from e
+    if free < MIN_FREE_BYTES:
+        raise DatasleuthError(f"{option} {folder} is on a full disk ({free} bytes free); free "
+                              "some space or choose another folder")
 
 
 def replace_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -80,6 +80,11 @@ def _run(argv: list[str] | None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("error: interrupted; re-run the same command to resume", err=True)
         return 130
+    except click.UsageError as e:  # one line, like every other user error
+        where = f"datasleuth {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent \
+            else "datasleuth --help"
+        click.echo(f"error: {e.format_message().rstrip('.')}; see `{where}`", err=True)
+        return 2
     except click.ClickException as e:
         e.show()
         return e.exit_code

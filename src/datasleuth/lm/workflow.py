@@ -53,6 +53,7 @@ from datasleuth.lm.queries import encode_queries, load_queries
 from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.scale.index import GradientIndex, IndexConfig
+from datasleuth.storage import check_writable
 
 if TYPE_CHECKING:
     from datasleuth.evaluation.tail_patch import TailPatchConfig
@@ -333,6 +334,7 @@ def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
     A tokenizer that cannot be the model's, a separator outside its vocabulary and a
     packing with token ids outside it are refused here, before any fitting.
     """
+    check_writable(options.workdir, "--workdir")  # before any work, not after an hour of it
     model, tokenizer = load_model(options.model, dtype=options.dtype,
                                   device=local_device(options.device),
                                   trust_remote_code=options.trust_remote_code,
@@ -401,6 +403,7 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
     ``options.report`` is off, ``OUT/report.html``; returns the results document.
     """
     queries = load_queries(options.queries)  # fail fast on bad queries, before heavy work
+    check_writable(options.out)
     fitting = fitting or FitOptions()
     method = _trace_method(options, fitting)
     inputs = load_inputs(load, progress=progress)
@@ -459,6 +462,7 @@ def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None 
     processes other than rank 0 under torchrun: an empty ``top``).
     """
     options = options or SelfInfluenceOptions()
+    check_writable(options.out)
     inputs = load_inputs(load, progress=progress)
     curvature = _fit(inputs, load.workdir, fitting or FitOptions(), progress)
     return run_self_influence(inputs.model, inputs.corpus, curvature, options.out,
@@ -473,6 +477,7 @@ def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
     are re-scored with the fitted curvature.
     """
     options = options or IndexOptions()
+    check_writable(options.out)
     inputs = load_inputs(load, progress=progress)
     return build_corpus_index(inputs.model, inputs.layers, inputs.corpus, options.out,
                               options.config, batch_size=options.batch_size,
