@@ -387,3 +387,20 @@ def test_a_read_only_or_full_folder_is_refused_before_work(world, tmp_path, caps
     expect_refusal(lm(command, world, tmp_path), capsys, fix)
     assert not (tmp_path / "work" / "corpus").exists()
     assert not list(tmp_path.rglob("*write-probe*"))
+
+
+# --- damaged work folders are rebuilt, never used -----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["segments.parquet", "documents.arrow", "tokens.safetensors"])
+def test_a_damaged_packing_is_packed_again(world, tmp_path, capsys, name):
+    work = fitted(world, tmp_path)
+    (work / "corpus" / name).write_bytes(b"PAR1 garbage")
+    capsys.readouterr()
+    assert main(lm("fit", world, tmp_path, work=work)) == 0
+    err = capsys.readouterr().err
+    assert "packing again" in err and "damaged" in err, err
+    from datasleuth.lm.corpus import PackedCorpus
+
+    corpus = PackedCorpus.load(work / "corpus")
+    assert corpus.segments(0) and corpus.document_text(corpus.segments(0)[0].doc_index)

@@ -284,6 +284,8 @@ def memmap_safetensors(
         size = path.stat().st_size
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"its header claims {n} bytes of a {size}-byte file")
             header = json.loads(fh.read(n))
         specs = {k: v for k, v in header.items() if k != "__metadata__"}
         for name, spec in specs.items():
