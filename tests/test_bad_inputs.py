@@ -404,3 +404,29 @@ def test_a_damaged_packing_is_packed_again(world, tmp_path, capsys, name):
 
     corpus = PackedCorpus.load(work / "corpus")
     assert corpus.segments(0) and corpus.document_text(corpus.segments(0)[0].doc_index)
+
+
+def test_an_in_place_edit_with_the_same_size_and_mtime_is_packed_again(world, tmp_path, capsys):
+    import os
+
+    corpus = tmp_path / "c.jsonl"
+    shutil.copy(world["corpus"], corpus)
+    argv = lm("fit", world, tmp_path, "--curvature", "diagonal", corpus=corpus)
+    assert main(argv) == 0
+    before = os.stat(corpus)
+    data = corpus.read_bytes()
+    edited = data.replace(b"the cat sat", b"the dog sat", 1)
+    assert edited != data and len(edited) == len(data)
+    corpus.write_bytes(edited)
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(corpus).st_size == before.st_size
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "packed 10 documents" in err and "reusing packed corpus" not in err, err
+    from datasleuth.lm.corpus import PackedCorpus
+
+    assert "the dog sat" in PackedCorpus.load(tmp_path / "work" / "corpus").document_text(0)
+    capsys.readouterr()
+    assert main(argv) == 0  # unchanged now: reused
+    assert "reusing packed corpus" in capsys.readouterr().err
