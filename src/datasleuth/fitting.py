@@ -29,6 +29,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.finite import check_sums, check_weights
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
+from datasleuth.progress import stop_requested
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
 from datasleuth.task import Task
@@ -263,7 +264,11 @@ class _Checkpoint:
 
     def save(self, phase: str, batches: int, stats: dict[str, _Stats], bases: dict | None,
              generator: torch.Generator | None, force: bool = False) -> None:
-        if self.path is None or (not force and time.monotonic() - self.last < self.seconds):
+        stop = stop_requested()  # SIGINT/SIGTERM: snapshot now, then stop
+        if self.path is None or (not force and not stop and
+                                 time.monotonic() - self.last < self.seconds):
+            if stop:
+                raise KeyboardInterrupt
             return
         tensors: dict[str, Tensor] = {}
         for name, s in stats.items():
@@ -283,6 +288,8 @@ class _Checkpoint:
                 "counts": {n: [s.tokens, s.sequences] for n, s in stats.items()}}
         save_tensors(self.path, tensors, meta)
         self.last = time.monotonic()
+        if stop:
+            raise KeyboardInterrupt
 
     def clear(self) -> None:
         if self.path is not None:

@@ -70,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     from datasleuth.distributed import init_from_environment
+    from datasleuth.progress import interrupts_save
 
     try:
         init_from_environment()
-        cli.main(args=argv, prog_name="datasleuth", standalone_mode=False)
+        with interrupts_save():  # Ctrl-C/SIGTERM: a fit or scan snapshots first, then stops
+            cli.main(args=argv, prog_name="datasleuth", standalone_mode=False)
     except DatasleuthError as e:
         click.echo(f"error: {e}", err=True)
         return 2

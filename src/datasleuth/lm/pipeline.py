@@ -55,6 +55,7 @@ from datasleuth.lm.stages import (
 from datasleuth.lm.tables import write_results_table
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig
+from datasleuth.progress import snapshot_on_interrupt
 from datasleuth.storage import load_curvature, read_json, write_json
 
 if TYPE_CHECKING:
@@ -182,9 +183,11 @@ def fit_factors(
                                 (f".rank{rank}" if size > 1 else "") + ".safetensors")
     if snapshot.is_file():
         say(f"resuming the fit from {snapshot} if it matches")
-    curvature = fit_curvature(model, CausalLMTask(), loader, layers, config, progress=progress,
-                              checkpoint=snapshot, checkpoint_seconds=60.0,
-                              checkpoint_key=f"{corpus.fingerprint}:{max_sequences}:{batch_size}")
+    with snapshot_on_interrupt():  # Ctrl-C: the next batch saves the fit, then stops
+        curvature = fit_curvature(model, CausalLMTask(), loader, layers, config,
+                                  progress=progress, checkpoint=snapshot, checkpoint_seconds=60.0,
+                                  checkpoint_key=f"{corpus.fingerprint}:{max_sequences}:"
+                                                 f"{batch_size}")
     curvature.metadata.update(corpus_fingerprint=corpus.fingerprint, max_sequences=max_sequences)
     if world()[0] == 0:
         curvature.save(path)
