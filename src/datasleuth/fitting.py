@@ -118,6 +118,7 @@ def fit_curvature(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_seconds: float = 300.0,
     checkpoint_key: str = "",
+    keep_checkpoint: bool = False,
 ) -> Curvature:
     """Fit curvature of every tracked layer on the batches of ``loader``.
 
@@ -127,6 +128,8 @@ def fit_curvature(
     the label sampler's state) are saved there every ``checkpoint_seconds``; a killed
     fit re-run with the same model, layers, configuration and ``checkpoint_key``
     resumes after the last saved batch and gives the result of an uninterrupted fit.
+    ``keep_checkpoint`` leaves the last snapshot for the caller to delete once the
+    result is safely saved.
     """
     config = config or FitConfig()
     tracked = resolve_layers(model, layers)
@@ -138,7 +141,8 @@ def fit_curvature(
     with evaluation(model):
         stats = {layer.name: _Stats(layer, config.blocks) for layer in tracked}
         bases = _fit_passes(model, task, loader, tracked, stats, config, saver, progress)
-    saver.clear()
+    if not keep_checkpoint:
+        saver.clear()
     layers_out = {layer.name: _layer_curvature(layer, stats[layer.name], bases[layer.name],
                                                config) for layer in tracked}
     some = next(iter(stats.values()))

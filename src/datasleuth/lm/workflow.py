@@ -29,6 +29,7 @@ from datasleuth.curvature import Curvature
 from datasleuth.distributed import local_device, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig
+from datasleuth.folders import locked_run
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.methods import TraceMethod, run_baseline_trace, trace_method
@@ -383,6 +384,7 @@ def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, p
                        options.batch_size, options.max_sequences, progress)
 
 
+@locked_run("load.workdir", "options.out")
 def fit(load: LoadOptions, options: FitOptions | None = None, *, progress: bool = True
         ) -> Curvature:
     """Fit curvature factors (EK-FAC by default) on the corpus, or reuse a matching fit.
@@ -393,6 +395,7 @@ def fit(load: LoadOptions, options: FitOptions | None = None, *, progress: bool 
                 progress)
 
 
+@locked_run("load.workdir", "options.out")
 def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions | None = None,
                   *, progress: bool = True) -> dict[str, Any]:
     """Find the training sequences that made each query's completion more (or less) likely.
@@ -419,7 +422,7 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
     else:
         curvature = None
     results = _trace(inputs, curvature, method, queries, load, options, progress)
-    if options.report and world()[0] == 0:
+    if options.report and world()[0] == 0 and curvature is None:  # else written with results
         from datasleuth.report import render_report
 
         render_report(results, options.report_path)
@@ -449,9 +452,11 @@ def _trace(inputs: Inputs, curvature: Any, method: TraceMethod, queries: Any,
                      model_name=str(load.model), corpus_name=load.corpus_name,
                      candidates_k=stage.bm25, workdir=load.workdir,
                      all_scores=options.all_scores, rank=stage.rank, index=stage.index,
-                     rescore=stage.rescore, approximate=stage.approximate, progress=progress)
+                     rescore=stage.rescore, approximate=stage.approximate, progress=progress,
+                     report=options.report_path if options.report else None)
 
 
+@locked_run("load.workdir", "options.out")
 def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None = None,
                         fitting: FitOptions | None = None, *, progress: bool = True
                         ) -> dict[str, Any]:
@@ -469,6 +474,7 @@ def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None 
                               options.top_k, options.batch_size, progress)
 
 
+@locked_run("load.workdir")  # the index folder is checked by the index itself
 def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
                  progress: bool = True) -> GradientIndex:
     """Build (or resume, or reuse) a projected-gradient index of the corpus.
