@@ -66,7 +66,7 @@ def folder_lock(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD[key] = 1
-        recover(folder)
+        recover(folder, temporary=world()[1] == 1)  # other ranks may be writing
         yield
     finally:
         _HELD.pop(key, None)
@@ -146,12 +146,15 @@ class OutputSet:
             self.discard()
 
 
-def recover(folder: str | os.PathLike) -> None:
+def recover(folder: str | os.PathLike, temporary: bool = True) -> None:
     """Finish a committed output set, then remove uncommitted sets and the temporary
     files (``.NAME.XXXX.tmp``) and packing folders (``.packing-*``) of killed runs, in
-    ``folder`` and its direct subfolders. Call it only holding the folder's lock."""
+    ``folder`` and its direct subfolders (``temporary=False``: only the first step).
+    Call it only holding the folder's lock."""
     folder = Path(folder)
     _replay(folder)
+    if not temporary:
+        return
     for where in [folder] + [d for d in folder.iterdir() if d.is_dir()
                              and not d.name.startswith(".")]:
         for path in list(where.glob(f"{_STAGE_PREFIX}*")) + list(where.glob(".packing-*")):

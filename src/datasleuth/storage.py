@@ -98,10 +98,15 @@ def check_writable(folder: str | os.PathLike, option: str = "--out") -> None:
     if not probe_dir.is_dir():
         what = "is a file" if probe_dir == folder else f"is under the file {probe_dir}"
         raise DatasleuthError(f"{option} {folder} {what}; give a folder")
+    probe = probe_dir / f".datasleuth-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        with atomic_path(probe_dir / ".datasleuth-write-probe") as tmp, open(tmp, "wb") as fh:
-            fh.write(b"\0" * 4096)
-        (probe_dir / ".datasleuth-write-probe").unlink()
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
         free = shutil.disk_usage(probe_dir).free
     except OSError as e:
         raise DatasleuthError(f"cannot write to {option} {folder} ({e.strerror or e}); choose "
