@@ -44,6 +44,7 @@ __all__ = [
     "StreamedTensor",
     "write_safetensors_stream",
     "memmap_safetensors",
+    "safetensors_header",
     "SAFETENSORS_DTYPES",
     "read_json",
     "save_tensors",
@@ -275,6 +276,20 @@ def _write_tensor(out: Any, spec: StreamedTensor, offsets: list[int]) -> None:
         shutil.copyfileobj(fh, out, _COPY_CHUNK)
 
 
+def safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, Any], int]:
+    """(header length, header, file size) of a safetensors file, reading only the header.
+
+    Raises ``OSError``, ``ValueError`` or ``struct.error`` for a file that is not one
+    (a header longer than the file is never read into memory).
+    """
+    size = os.stat(path).st_size
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > size - 8:
+            raise ValueError(f"its header claims {n} bytes of a {size}-byte file")
+        return n, json.loads(fh.read(n)), size
+
+
 def memmap_safetensors(
     path: str | os.PathLike, fix: str = "delete it and re-run the step that wrote it"
 ) -> dict[str, np.ndarray]:
@@ -286,12 +301,7 @@ def memmap_safetensors(
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError(f"its header claims {n} bytes of a {size}-byte file")
-            header = json.loads(fh.read(n))
+        n, header, size = safetensors_header(path)
         specs = {k: v for k, v in header.items() if k != "__metadata__"}
         for name, spec in specs.items():
             begin, end = spec["data_offsets"]

@@ -26,6 +26,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.finite import check_weights
 from datasleuth.layers import TrackedLayer, find_layers
 from datasleuth.lm.hub import resolve_model_path
+from datasleuth.storage import safetensors_header
 
 __all__ = ["load_model", "default_layers", "context_length", "check_device", "check_tokenizer",
            "check_token_ids", "embedding_rows", "MLP_PATTERNS", "ATTENTION_PATTERNS",
@@ -341,12 +342,7 @@ def check_checkpoint(folder: Path, trust_remote_code: bool = False) -> None:
 def _check_safetensors(path: Path) -> None:
     """Refuse a safetensors file with a garbage header or tensors past its end."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError(f"its header claims {n} bytes of a {size}-byte file")
-            header = json.loads(fh.read(n))
+        n, header, size = safetensors_header(path)
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
                   default=0)
         if 8 + n + end > size:

@@ -25,7 +25,6 @@ added, the template writes its own. Queries may come from a file, a list of dict
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 from datasleuth.errors import DatasleuthError
-from datasleuth.lm.corpus.readers import utf8_lines
+from datasleuth.lm.corpus.readers import json_lines
 
 __all__ = ["Query", "load_queries", "render_chat", "encode_queries", "collate_queries"]
 
@@ -113,16 +112,8 @@ def _load_file(p: Path) -> list[Query]:
         raise DatasleuthError(f"query file {p} does not exist; check the path")
     queries: list[Query] = []
     seen: dict[str, str] = {}
-    for lineno, line in utf8_lines(p):  # invalid UTF-8: refused with the file and line
-        if not line.strip():
-            continue
+    for lineno, obj in json_lines(p, f"write one object per line {_SHAPE}"):
         where = f"{p}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasleuthError(
-                f"{where}: malformed JSON ({e.msg}); write one object per line {_SHAPE}"
-            ) from e
         if not isinstance(obj, dict):
             raise DatasleuthError(f"{where}: expected a JSON object, got "
                                   f"{type(obj).__name__}; write one object per line {_SHAPE}")

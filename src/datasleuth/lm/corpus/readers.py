@@ -153,6 +153,19 @@ def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
+def json_lines(path: str | os.PathLike, fix: str, what: str = "JSON"
+               ) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON Lines file; invalid UTF-8 or
+    JSON is refused naming the file and line, and ``fix``."""
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasleuthError(f"{path}:{lineno}: malformed {what} ({e.msg}); {fix}") from e
+
+
 def _scan_text(files: Sequence[Path]) -> None:
     """Refuse the first line of these text files that is not valid UTF-8."""
     for f in files:
@@ -173,15 +186,7 @@ def _scan_json(files: Sequence[Path], text_field: str) -> None:
                     "one object per line)"
                 ) from e
             continue
-        for lineno, line in utf8_lines(f):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasleuthError(
-                    f"{f}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line"
-                ) from e
+        for lineno, obj in json_lines(f, "fix or remove that line", "JSON line"):
             if not isinstance(obj, dict):
                 raise DatasleuthError(
                     f"{f}:{lineno}: expected a JSON object like {{\"{text_field}\": \"...\"}}, "
