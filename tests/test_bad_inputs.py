@@ -157,12 +157,11 @@ MODEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("command", ["fit", "trace", "index", "self-influence"])
-@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+@pytest.mark.parametrize(("case", "command"), [(case, "fit") for case in sorted(MODEL_CASES)] + [
+    (case, command) for case in ("more layers in config", "pickle-only checkpoint")
+    for command in ("trace", "index", "self-influence")])  # the loader is shared
 def test_a_model_that_does_not_match_its_config_is_refused(world, tmp_path, capsys, case,
                                                             command):
-    if command != "fit" and case not in ("more layers in config", "pickle-only checkpoint"):
-        pytest.skip("one command is enough for the rest: the loader is shared")
     make, fix = MODEL_CASES[case]
     folder = make(world, tmp_path)
     expect_refusal(lm(command, world, tmp_path, model=folder), capsys, fix)
@@ -233,11 +232,9 @@ CORPUS_CASES = {
 }
 
 
-@pytest.mark.parametrize("command", ["fit", "index", "self-influence"])
-@pytest.mark.parametrize("case", sorted(CORPUS_CASES))
+@pytest.mark.parametrize(("case", "command"), [(case, "fit") for case in sorted(CORPUS_CASES)] + [
+    ("invalid utf-8 jsonl", command) for command in ("index", "self-influence")])
 def test_a_bad_corpus_is_refused(world, tmp_path, capsys, case, command):
-    if command != "fit" and case != "invalid utf-8 jsonl":
-        pytest.skip("the reader is shared")
     make, fix = CORPUS_CASES[case]
     path = make(world, tmp_path)
     line = expect_refusal(lm(command, world, tmp_path, corpus=path), capsys, fix)

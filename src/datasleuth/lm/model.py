@@ -30,7 +30,7 @@ from datasleuth.storage import safetensors_header
 
 __all__ = ["load_model", "default_layers", "context_length", "check_device", "check_tokenizer",
            "check_token_ids", "embedding_rows", "MLP_PATTERNS", "ATTENTION_PATTERNS",
-           "TOKENIZER_FILES", "PROBE_TEXT", "check_checkpoint"]
+           "TOKENIZER_FILES", "PROBE_TEXT", "check_checkpoint", "separator_token"]
 
 #: Files of which a saved tokenizer has at least one.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -351,3 +351,24 @@ def _check_safetensors(path: Path) -> None:
             struct.error) as e:
         raise DatasleuthError(f"{path} is not a complete safetensors file ({e}); download or "
                               "save the checkpoint again") from e
+
+
+def separator_token(tokenizer: Any, separator: int | str | None, rows: int | None
+                    ) -> int | None:
+    """The id of ``separator`` (a token string or an id, as int or digits), checked
+    against the vocabulary; ``None`` keeps the tokenizer's EOS token."""
+    if separator is None:
+        return None
+    text = str(separator)
+    if isinstance(separator, int) or text.isdigit():
+        token_id = int(text)
+    else:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        unk = getattr(tokenizer, "unk_token", None)
+        if token_id is None or (token_id == tokenizer.unk_token_id and text != unk):
+            raise DatasleuthError(f"--separator {text!r} is not a token of the tokenizer's "
+                                  "vocabulary; give one token (e.g. its EOS token "
+                                  f"{getattr(tokenizer, 'eos_token', None)!r}) or a token id")
+    check_token_ids(rows if rows is not None else len(tokenizer), [token_id],
+                    "--separator is token id", "give a token id inside the vocabulary")
+    return int(token_id)

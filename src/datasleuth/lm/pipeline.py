@@ -57,6 +57,7 @@ from datasleuth.lm.tables import write_results_table
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.progress import snapshot_on_interrupt
+from datasleuth.report import render_report
 from datasleuth.storage import load_curvature, read_json, write_json
 
 if TYPE_CHECKING:
@@ -443,7 +444,6 @@ def run_trace(
         raise DatasleuthError("--all-scores needs a scan of every sequence; drop --index")
     rescore = max(rescore, config.top_k, config.bottom_k)
     out = Path(out_dir)
-    report = Path(report) if report is not None else None
     queries = render_chat(load_queries(queries), tokenizer)
     index_obj = open_corpus_index(index, model, corpus) if index is not None else None
     key = _trace_key(queries, corpus, curvature, config, candidates_k=candidates_k,
@@ -466,7 +466,7 @@ def run_trace(
 
 
 def _written(results: dict[str, Any], corpus: PackedCorpus, out: Path, table_only: bool = False,
-             report: Path | None = None) -> dict[str, Any]:
+             report: str | Path | None = None) -> dict[str, Any]:
     """``results`` after rank 0 wrote OUT/results.parquet, OUT/results.json (the marker a
     re-run reuses) and the HTML ``report``, committed together (:class:`OutputSet`); with
     ``table_only``, the table alone if it is missing (and the report)."""
@@ -477,10 +477,8 @@ def _written(results: dict[str, Any], corpus: PackedCorpus, out: Path, table_onl
             if not table_only:
                 write_json(files.path("results.json"), results)
             if report is not None:
-                from datasleuth.report import render_report
-
-                inside = report.resolve().parent == out.resolve()
-                render_report(results, files.path(report.name) if inside else report)
+                inside = Path(report).resolve().parent == out.resolve()
+                render_report(results, files.path(Path(report).name) if inside else report)
     barrier()
     return results
 

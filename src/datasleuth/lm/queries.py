@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from datasleuth.errors import DatasleuthError
-from datasleuth.lm.corpus.readers import json_lines
+from datasleuth.lm.corpus.textfiles import json_lines
 
 __all__ = ["Query", "load_queries", "render_chat", "encode_queries", "collate_queries"]
 

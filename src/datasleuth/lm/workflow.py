@@ -39,6 +39,7 @@ from datasleuth.lm.model import (
     default_layers,
     embedding_rows,
     load_model,
+    separator_token,
 )
 from datasleuth.lm.pipeline import (
     DEFAULT_RESCORE,
@@ -357,27 +358,6 @@ def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
     return Inputs(model, tokenizer, layers, corpus)
 
 
-def separator_token(tokenizer: Any, separator: int | str | None, rows: int | None
-                    ) -> int | None:
-    """The id of ``separator`` (a token string or an id, as int or digits), checked
-    against the vocabulary; ``None`` keeps the tokenizer's EOS token."""
-    if separator is None:
-        return None
-    text = str(separator)
-    if isinstance(separator, int) or text.isdigit():
-        token_id = int(text)
-    else:
-        token_id = tokenizer.convert_tokens_to_ids(text)
-        unk = getattr(tokenizer, "unk_token", None)
-        if token_id is None or (token_id == tokenizer.unk_token_id and text != unk):
-            raise DatasleuthError(f"--separator {text!r} is not a token of the tokenizer's "
-                                  "vocabulary; give one token (e.g. its EOS token "
-                                  f"{getattr(tokenizer, 'eos_token', None)!r}) or a token id")
-    check_token_ids(rows if rows is not None else len(tokenizer), [token_id],
-                    "--separator is token id", "give a token id inside the vocabulary")
-    return int(token_id)
-
-
 def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool
          ) -> Curvature:
     return fit_factors(inputs.model, inputs.layers, inputs.corpus, workdir, options.config,
@@ -406,7 +386,6 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
     ``options.report`` is off, ``OUT/report.html``; returns the results document.
     """
     queries = load_queries(options.queries)  # fail fast on bad queries, before heavy work
-    check_writable(options.out)
     fitting = fitting or FitOptions()
     method = _trace_method(options, fitting)
     inputs = load_inputs(load, progress=progress)
@@ -467,7 +446,6 @@ def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None 
     processes other than rank 0 under torchrun: an empty ``top``).
     """
     options = options or SelfInfluenceOptions()
-    check_writable(options.out)
     inputs = load_inputs(load, progress=progress)
     curvature = _fit(inputs, load.workdir, fitting or FitOptions(), progress)
     return run_self_influence(inputs.model, inputs.corpus, curvature, options.out,

@@ -19,12 +19,12 @@ from datasleuth.lm.corpus.layout import CORPUS_FORMAT_VERSION
 from datasleuth.lm.corpus.readers import (
     SOURCES_ATTR,
     expand_paths,
-    file_digest,
     has_names,
     is_paths,
     iter_batches,
     load_documents,
 )
+from datasleuth.lm.corpus.textfiles import file_digest
 
 __all__ = ["corpus_fingerprint", "tokenizer_info"]
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.lm.corpus.textfiles import file_digest, json_lines, scan_text
 
 __all__ = ["load_documents", "DOCUMENT_FIELDS", "DocumentBatch"]
 
@@ -125,60 +126,12 @@ def expand_paths(
     return groups
 
 
-#: Bytes read at a time when hashing corpus files.
-_HASH_CHUNK = 1 << 20
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """BLAKE2b (128-bit) of a file's bytes, streamed in 1 MiB pieces (bounded memory; runs
-    at disk speed, about 1 GB/s on one core)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line of a file; invalid UTF-8 is refused naming the
-    file, the line and the byte."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DatasleuthError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
-                    f"{e.start + 1} of the line); re-save the file as UTF-8"
-                ) from None
-
-
-def json_lines(path: str | os.PathLike, fix: str, what: str = "JSON"
-               ) -> Iterator[tuple[int, Any]]:
-    """(line number, value) of each non-blank line of a JSON Lines file; invalid UTF-8 or
-    JSON is refused naming the file and line, and ``fix``."""
-    for lineno, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasleuthError(f"{path}:{lineno}: malformed {what} ({e.msg}); {fix}") from e
-
-
-def _scan_text(files: Sequence[Path]) -> None:
-    """Refuse the first line of these text files that is not valid UTF-8."""
-    for f in files:
-        for _ in utf8_lines(f):
-            pass
-
-
 def _scan_json(files: Sequence[Path], text_field: str) -> None:
     """Find the first malformed record in JSON/JSONL files and raise a precise error."""
     for f in files:
         if f.suffix.lower() == ".json":
             try:
-                _scan_text([f])
+                scan_text([f])
                 json.loads(f.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise DatasleuthError(
@@ -304,7 +257,7 @@ def _load_files(kind: str, files: list[Path], text_field: str, streaming: bool,
         if kind == "json" and not streaming:  # name the malformed line if there is one
             _scan_json(files, text_field)
         if kind == "text":
-            _scan_text(files)
+            scan_text(files)
         raise DatasleuthError(f"could not read {where} ({e}); check the file format") from e
     if streaming and kind == "json":
         ds = datasets.IterableDataset.from_generator(
@@ -445,7 +398,7 @@ def iter_batches(
         yield from _batches(documents, text_field, batch_size)
     except UnicodeDecodeError as e:
         files = [Path(f) for f in getattr(documents, SOURCES_ATTR, None) or []]
-        _scan_text([f for f in files if f.suffix.lower() not in (".parquet", ".arrow")
+        scan_text([f for f in files if f.suffix.lower() not in (".parquet", ".arrow")
                     and f.is_file()])
         raise DatasleuthError(f"the corpus holds text that is not valid UTF-8 ({e.reason} at "
                               f"byte {e.start}); re-save it as UTF-8") from None
