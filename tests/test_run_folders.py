@@ -149,3 +149,9 @@ def test_a_kill_during_the_final_factors_write_keeps_the_snapshot(world, tmp_pat
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key])
+
+
+def test_a_refused_run_leaves_no_new_folder(world, tmp_path, capsys):  # noqa: F811
+    argv = lm("trace", world, tmp_path, model=tmp_path / "no-such-model")
+    assert main(argv) == 2
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

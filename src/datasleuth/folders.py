@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,10 +59,9 @@ def folder_lock(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
             if not _HELD[key]:
                 del _HELD[key]
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    created = not folder.exists()
+    fd = _open_locked(folder, wait)
     try:
-        _acquire(fd, folder, wait)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD[key] = 1
@@ -70,7 +69,29 @@ def folder_lock(folder: str | os.PathLike, wait: bool = True) -> Iterator[None]:
         yield
     finally:
         _HELD.pop(key, None)
+        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            with suppress(OSError):  # a run that wrote nothing leaves no folder
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
         os.close(fd)  # releases the lock
+
+
+def _open_locked(folder: Path, wait: bool) -> int:
+    """A descriptor of ``folder``'s lock file, locked; retried when the holder removed the
+    file (and its empty folder) while this process waited."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _acquire(fd, folder, wait)
+            if os.fstat(fd).st_ino == os.stat(folder / LOCK_NAME).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def _acquire(fd: int, folder: Path, wait: bool) -> None:
