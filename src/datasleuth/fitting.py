@@ -26,8 +26,10 @@ from torch import Tensor, nn
 from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
+from datasleuth.finite import check_sums, check_weights
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
+from datasleuth.progress import stop_requested
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
 from datasleuth.task import Task
@@ -116,6 +118,7 @@ def fit_curvature(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_seconds: float = 300.0,
     checkpoint_key: str = "",
+    keep_checkpoint: bool = False,
 ) -> Curvature:
     """Fit curvature of every tracked layer on the batches of ``loader``.
 
@@ -125,9 +128,12 @@ def fit_curvature(
     the label sampler's state) are saved there every ``checkpoint_seconds``; a killed
     fit re-run with the same model, layers, configuration and ``checkpoint_key``
     resumes after the last saved batch and gives the result of an uninterrupted fit.
+    ``keep_checkpoint`` leaves the last snapshot for the caller to delete once the
+    result is safely saved.
     """
     config = config or FitConfig()
     tracked = resolve_layers(model, layers)
+    check_weights(model)  # NaN/Inf weights: named here, not as NaN factors later
     rank, size = world()
     key = json.dumps([checkpoint_key, model_fingerprint(model, tracked), asdict(config),
                       [layer.name for layer in tracked], rank, size], sort_keys=True)
@@ -135,7 +141,8 @@ def fit_curvature(
     with evaluation(model):
         stats = {layer.name: _Stats(layer, config.blocks) for layer in tracked}
         bases = _fit_passes(model, task, loader, tracked, stats, config, saver, progress)
-    saver.clear()
+    if not keep_checkpoint:
+        saver.clear()
     layers_out = {layer.name: _layer_curvature(layer, stats[layer.name], bases[layer.name],
                                                config) for layer in tracked}
     some = next(iter(stats.values()))
@@ -191,6 +198,7 @@ def _count_and_save(stats: dict[str, _Stats], end: BatchEnd, saver: _Checkpoint,
                     bases: dict, generator: torch.Generator) -> None:
     for s in stats.values():
         s.sequences += end.size
+    check_sums({n: [s.lam] for n, s in stats.items()}, "the eigenvalue sum", end.position)
     saver.save("eigenvalues", end.position + 1, stats, bases, generator)
 
 
@@ -260,7 +268,11 @@ class _Checkpoint:
 
     def save(self, phase: str, batches: int, stats: dict[str, _Stats], bases: dict | None,
              generator: torch.Generator | None, force: bool = False) -> None:
-        if self.path is None or (not force and time.monotonic() - self.last < self.seconds):
+        stop = stop_requested()  # SIGINT/SIGTERM: snapshot now, then stop
+        if self.path is None or (not force and not stop and
+                                 time.monotonic() - self.last < self.seconds):
+            if stop:
+                raise KeyboardInterrupt
             return
         tensors: dict[str, Tensor] = {}
         for name, s in stats.items():
@@ -280,6 +292,8 @@ class _Checkpoint:
                 "counts": {n: [s.tokens, s.sequences] for n, s in stats.items()}}
         save_tensors(self.path, tensors, meta)
         self.last = time.monotonic()
+        if stop:
+            raise KeyboardInterrupt
 
     def clear(self) -> None:
         if self.path is not None:
@@ -327,6 +341,9 @@ def _covariance_callbacks(stats: dict[str, _Stats]):
         for name, s in stats.items():
             s.tokens += masked if masked is not None else positions[name]
             s.sequences += end.size
+        check_sums({n: s.a_cov for n, s in stats.items()}, "the input covariance", end.position)
+        check_sums({n: s.s_cov for n, s in stats.items()}, "the gradient covariance",
+                   end.position)
 
     return on_layer, on_batch
 

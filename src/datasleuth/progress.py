@@ -4,20 +4,30 @@ A bar over a DataLoader, or over a list of batch dicts, counts the examples in t
 batches (``sequence`` for token batches, else ``example``), not the batches, so it
 moves on every batch and its rate is a throughput. :func:`progress_counter` is a bar
 that the caller advances by hand (e.g. sequences written to an index).
+
+Interrupts: under :func:`interrupts_save` (the command line), SIGINT and SIGTERM inside a
+:func:`snapshot_on_interrupt` block only ask the run to stop; the next snapshot point
+(a fit's or a scan's saver, :func:`stop_requested`) writes its snapshot and raises
+``KeyboardInterrupt``, so the re-run resumes where it was. A second signal, or one
+outside such a block, interrupts at once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
 from datasleuth.distributed import world
 
-__all__ = ["progress_bar", "progress_counter", "progress_enabled", "batch_rows"]
+__all__ = ["progress_bar", "progress_counter", "progress_enabled", "batch_rows",
+           "interrupts_save", "snapshot_on_interrupt", "stop_requested"]
 
 T = TypeVar("T")
 
@@ -128,3 +138,47 @@ def progress_counter(desc: str, total: int | None, enabled: bool = True,
         return _Counter(None)
     return _Counter(tqdm(desc=desc, total=total, unit=unit, initial=initial, file=sys.stderr,
                          dynamic_ncols=True, leave=False))
+
+
+_INTERRUPT = {"savable": 0, "requested": False}
+
+
+def stop_requested() -> bool:
+    """Whether a signal asked the run to stop at its next snapshot point."""
+    return bool(_INTERRUPT["requested"])
+
+
+@contextmanager
+def snapshot_on_interrupt() -> Iterator[None]:
+    """A block whose savers snapshot on SIGINT/SIGTERM before stopping (see the module)."""
+    _INTERRUPT["savable"] += 1
+    try:
+        yield
+    finally:
+        _INTERRUPT["savable"] -= 1
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _INTERRUPT["savable"] and not _INTERRUPT["requested"]:
+        _INTERRUPT["requested"] = True  # the next snapshot point saves, then stops
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def interrupts_save() -> Iterator[None]:
+    """Route SIGINT and SIGTERM through :func:`stop_requested` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    _INTERRUPT["requested"] = False
+    for s in signals:
+        signal.signal(s, _on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _INTERRUPT["requested"] = False

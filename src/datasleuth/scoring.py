@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
+from datasleuth.finite import check_scores
 from datasleuth.layers import TrackedLayer, layers_by_name, per_example_gradients
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.streaming import BatchEnd, stream
@@ -164,7 +165,9 @@ def scan(
         buffer[layer.name] = scorers[layer.name](a, g)
 
     def on_batch(end: BatchEnd) -> None:
-        on_scores(end.first, torch.stack([buffer.pop(n) for n in names], dim=-1))
+        batch = torch.stack([buffer.pop(n) for n in names], dim=-1)
+        check_scores(batch, names, end.first)  # never a NaN dropped from a top-k unsaid
+        on_scores(end.first, batch)
 
     stream(model, task, train, layers, on_layer, objective="loglik", on_batch=on_batch,
            desc=desc, progress=progress)
@@ -247,6 +250,7 @@ def self_influence(
             pre = curv.precondition(buffer)
             per_layer = [(pre[name] * buffer[name]).sum((-2, -1)) for name in names]
         parts.append(torch.stack(per_layer, -1).cpu())
+        check_scores(parts[-1], names, end.first, "self-influence scores")
         losses.append(-end.values.cpu())  # the objective is log p = −L
         buffer.clear()
 

@@ -37,12 +37,14 @@ __all__ = [
     "FORMAT_VERSION",
     "atomic_path",
     "replace_durably",
+    "check_writable",
     "write_bytes",
     "write_text",
     "write_json",
     "StreamedTensor",
     "write_safetensors_stream",
     "memmap_safetensors",
+    "safetensors_header",
     "SAFETENSORS_DTYPES",
     "read_json",
     "save_tensors",
@@ -77,6 +79,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: Free bytes an output folder must have before a run starts (results, reports, snapshots).
+MIN_FREE_BYTES = 16 << 20
+
+
+def check_writable(folder: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, before any work, an output ``folder`` that cannot take files.
+
+    The folder (or, when it does not exist yet, its nearest existing parent) must be a
+    directory in which a file can be created, written and synced, on a file system with
+    at least :data:`MIN_FREE_BYTES` free. Nothing is left behind.
+    """
+    folder = Path(folder)
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        what = "is a file" if probe_dir == folder else f"is under the file {probe_dir}"
+        raise DatasleuthError(f"{option} {folder} {what}; give a folder")
+    probe = probe_dir / f".datasleuth-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+        free = shutil.disk_usage(probe_dir).free
+    except OSError as e:
+        raise DatasleuthError(f"cannot write to {option} {folder} ({e.strerror or e}); choose "
+                              "a writable folder with free space") from e
+    if free < MIN_FREE_BYTES:
+        raise DatasleuthError(f"{option} {folder} is on a full disk ({free} bytes free); free "
+                              "some space or choose another folder")
 
 
 def replace_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -238,6 +276,20 @@ def _write_tensor(out: Any, spec: StreamedTensor, offsets: list[int]) -> None:
         shutil.copyfileobj(fh, out, _COPY_CHUNK)
 
 
+def safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, Any], int]:
+    """(header length, header, file size) of a safetensors file, reading only the header.
+
+    Raises ``OSError``, ``ValueError`` or ``struct.error`` for a file that is not one
+    (a header longer than the file is never read into memory).
+    """
+    size = os.stat(path).st_size
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > size - 8:
+            raise ValueError(f"its header claims {n} bytes of a {size}-byte file")
+        return n, json.loads(fh.read(n)), size
+
+
 def memmap_safetensors(
     path: str | os.PathLike, fix: str = "delete it and re-run the step that wrote it"
 ) -> dict[str, np.ndarray]:
@@ -249,10 +301,7 @@ def memmap_safetensors(
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        n, header, size = safetensors_header(path)
         specs = {k: v for k, v in header.items() if k != "__metadata__"}
         for name, spec in specs.items():
             begin, end = spec["data_offsets"]
@@ -343,18 +392,35 @@ def load_curvature(
                 f"{path} was made with {key}={meta.get(key)!r}, not {value!r}; re-fit or "
                 "change the configuration to match"
             )
-    layers_out = {}
-    for name, lm in meta["layers"].items():
-        q_out = [tensors[f"{name}/q_out/{i}"] for i in range(lm["q_out_blocks"])]
-        q_in = [tensors[f"{name}/q_in/{i}"] for i in range(lm["q_in_blocks"])]
-        layers_out[name] = LayerCurvature(
-            tensors[f"{name}/eigenvalues"],
-            float(lm["damping"]),
-            Basis(q_out) if q_out else None,
-            Basis(q_in) if q_in else None,
-            tensors.get(f"{name}/s_eigenvalues"),
-            tensors.get(f"{name}/a_eigenvalues"),
-        )
+    layers_out = {name: _stored_layer(tensors, name, lm, path)
+                  for name, lm in meta["layers"].items()}
     kind = meta.pop("kind")
     meta.pop("layers")
     return Curvature(kind, layers_out, meta)
+
+
+def _stored_layer(tensors: dict[str, torch.Tensor], name: str, lm: dict,
+                  path: str | os.PathLike) -> LayerCurvature:
+    """One layer of a saved curvature; a missing tensor or a non-finite value is refused."""
+    def need(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise DatasleuthError(f"{path} is missing the tensor {key!r} (damaged or edited); "
+                                  "delete it and re-run `datasleuth fit`")
+        return tensors[key]
+
+    q_out = [need(f"{name}/q_out/{i}") for i in range(lm["q_out_blocks"])]
+    q_in = [need(f"{name}/q_in/{i}") for i in range(lm["q_in_blocks"])]
+    damping = float(lm["damping"])
+    eigenvalues = need(f"{name}/eigenvalues")
+    for key, value in [("eigenvalues", eigenvalues), ("damping", torch.tensor(damping))] + [
+            (f"eigenbasis {i}", q) for i, q in enumerate(q_out + q_in)]:
+        if not bool(torch.isfinite(value).all()):
+            raise DatasleuthError(f"{path}: layer {name}: the stored {key} hold NaN or Inf; "
+                                  "delete the file and re-run `datasleuth fit` (check the "
+                                  "model's weights)")
+    if damping <= 0:
+        raise DatasleuthError(f"{path}: layer {name}: the stored damping {damping} is not "
+                              "positive; delete the file and re-run `datasleuth fit`")
+    return LayerCurvature(eigenvalues, damping, Basis(q_out) if q_out else None,
+                          Basis(q_in) if q_in else None, tensors.get(f"{name}/s_eigenvalues"),
+                          tensors.get(f"{name}/a_eigenvalues"))

@@ -70,16 +70,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     from datasleuth.distributed import init_from_environment
+    from datasleuth.progress import interrupts_save
 
     try:
         init_from_environment()
-        cli.main(args=argv, prog_name="datasleuth", standalone_mode=False)
+        with interrupts_save():  # Ctrl-C/SIGTERM: a fit or scan snapshots first, then stops
+            cli.main(args=argv, prog_name="datasleuth", standalone_mode=False)
     except DatasleuthError as e:
         click.echo(f"error: {e}", err=True)
         return 2
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("error: interrupted; re-run the same command to resume", err=True)
         return 130
+    except click.UsageError as e:  # one line, like every other user error
+        where = f"datasleuth {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent \
+            else "datasleuth --help"
+        click.echo(f"error: {e.format_message().rstrip('.')}; see `{where}`", err=True)
+        return 2
     except click.ClickException as e:
         e.show()
         return e.exit_code

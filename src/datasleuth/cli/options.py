@@ -139,6 +139,9 @@ def config_defaults(ctx: click.Context, data: Mapping[str, Any], path: str) -> d
         except click.BadParameter as e:
             raise DatasleuthError(f"{path}: {key} = {value!r} is refused ({e.message}); fix "
                                   "the file") from None
+        except (TypeError, ValueError) as e:  # e.g. a TOML list where a number belongs
+            raise DatasleuthError(f"{path}: {key} = {value!r} is refused (expected one "
+                                  f"{param.type.name} value: {e}); fix the file") from None
         defaults[param.name] = (not value) if inverted else value
     return defaults
 

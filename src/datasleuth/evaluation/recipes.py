@@ -455,7 +455,14 @@ def load_recipe(spec: str | Recipe) -> Recipe:
     if module_spec is None or module_spec.loader is None:
         raise DatasleuthError(f"cannot import {path} as Python; give a .py file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise DatasleuthError(f"{path}:{e.lineno}: syntax error in the recipe ({e.msg}); fix "
+                              "the file") from None
+    except Exception as e:  # the user's own code failed while defining the recipe
+        raise DatasleuthError(f"running the recipe file {path} failed ({type(e).__name__}: "
+                              f"{e}); fix the file") from e
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     found = getattr(module, "recipe", None)
     if isinstance(found, Recipe):

@@ -15,6 +15,7 @@ the unembedding (``lm_head``) are never tracked unless named explicitly.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,14 @@ import torch
 from torch import nn
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.finite import check_weights
 from datasleuth.layers import TrackedLayer, find_layers
 from datasleuth.lm.hub import resolve_model_path
+from datasleuth.storage import safetensors_header
 
 __all__ = ["load_model", "default_layers", "context_length", "check_device", "check_tokenizer",
            "check_token_ids", "embedding_rows", "MLP_PATTERNS", "ATTENTION_PATTERNS",
-           "TOKENIZER_FILES", "PROBE_TEXT"]
+           "TOKENIZER_FILES", "PROBE_TEXT", "check_checkpoint", "separator_token"]
 
 #: Files of which a saved tokenizer has at least one.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -102,8 +105,6 @@ def load_model(
     Face cache; with ``download`` a missing Hub id is fetched. The tokenizer is checked
     against the model before anything else runs (:func:`check_tokenizer`).
     """
-    from transformers import AutoModelForCausalLM
-
     check_device(device)
     path = resolve_model_path(path, download=download)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "float64": torch.float64,
@@ -120,17 +121,17 @@ def load_model(
                 raise DatasleuthError(
                     f"{path} has no config.json; point --model at a saved Hugging Face model"
                 )
-            model, tok_path = AutoModelForCausalLM.from_pretrained(str(path), **kwargs), path
+            model, tok_path = _pretrained(path, kwargs), path
         if tokenizer is not None:
             tok_path = resolve_model_path(tokenizer, download=download, what="tokenizer",
                                           option="--tokenizer")
         tok = _load_tokenizer(tok_path, trust_remote_code, explicit=tokenizer is not None)
     except DatasleuthError:
         raise
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "; pass --trust-remote-code if you trust it" if "remote code" in str(e) else ""
-        raise DatasleuthError(f"cannot load the model from {path}: {first}{hint}") from e
+    except Exception as e:  # transformers, safetensors and torch each raise their own types
+        raise DatasleuthError(f"cannot load the model from {path}: {_first_line(e)}"
+                              f"{_load_hint(str(e), trust_remote_code)}") from e
+    check_weights(model)  # a NaN/Inf weight is named now, not met as NaN scores later
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     check_tokenizer(model, tok)
@@ -213,14 +214,12 @@ def _load_peft(path: Path, adapter: Path, kwargs: dict, download: bool
         raise DatasleuthError(
             f"{path} is a PEFT adapter; install peft (pip install 'datasleuth[peft]')"
         ) from e
-    from transformers import AutoModelForCausalLM
-
     base = json.loads(adapter.read_text()).get("base_model_name_or_path")
     if not base:
         raise DatasleuthError(f"{adapter} names no base_model_name_or_path; set it to the base "
                               "checkpoint's folder or Hub id")
     base_path = resolve_model_path(base, download=download, what="the adapter's base model")
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    model = _pretrained(base_path, kwargs)
     model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     tok = path if any((path / name).is_file() for name in TOKENIZER_FILES) else base_path
     return model, tok
@@ -262,3 +261,114 @@ def _matches_block(name: str, patterns: list[str]) -> bool:
 
     parent = name.split(".lora_")[0]
     return any(fnmatch.fnmatchcase(parent, p) for p in patterns)
+
+
+#: Weight files that hold pickles (loading them can run arbitrary code): never loaded.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SAVE_HINT = ("load it once where you trust it and save it with "
+              "model.save_pretrained(folder, safe_serialization=True)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load_hint(message: str, trust_remote_code: bool) -> str:
+    """The fix appended to a transformers loading error."""
+    text = message.lower()
+    if not trust_remote_code and ("remote code" in text or "trust_remote_code" in text
+                                  or "does not recognize this architecture" in text):
+        return ("; if the checkpoint ships its own model code, pass --trust-remote-code (only "
+                "if you trust it), else upgrade transformers")
+    if "size mismatch" in text or "mismatch" in text:
+        return "; use the config.json saved with these weights"
+    return "; check the checkpoint folder (config.json and *.safetensors)"
+
+
+def _pretrained(folder: Path, kwargs: dict) -> nn.Module:
+    """``AutoModelForCausalLM`` from ``folder`` (safetensors only), refused unless every
+    weight the config names is in the checkpoint and every weight is used."""
+    from transformers import AutoModelForCausalLM
+
+    check_checkpoint(folder, bool(kwargs.get("trust_remote_code")))
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), use_safetensors=True, output_loading_info=True, **kwargs)
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights"),
+                      ("unexpected_keys", "in the weights but not in config.json"),
+                      ("mismatched_keys", "of another shape than config.json says")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
+                                            else "")
+            problems.append(f"{len(names)} weights {what} ({shown})")
+    if problems:
+        raise DatasleuthError(f"the model in {folder} does not match its config.json: "
+                              f"{'; '.join(problems)}; use the config.json saved with these "
+                              "weights")
+    return model
+
+
+def check_checkpoint(folder: Path, trust_remote_code: bool = False) -> None:
+    """Refuse, before loading, a checkpoint folder that cannot be loaded safely.
+
+    Refused: a ``config.json`` that is not JSON; custom model code (``auto_map``)
+    without ``trust_remote_code``; a folder whose weights are only pickles
+    (``pytorch_model.bin`` and the like, never unpickled); a ``*.safetensors`` file
+    whose header is garbage or whose tensors run past its end (a truncated download).
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasleuthError(f"{folder / 'config.json'} is not readable JSON ({e}); save the "
+                              "model again with model.save_pretrained(folder)") from e
+    if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
+        raise DatasleuthError(f"cannot load the model from {folder}: it ships its own model "
+                              "code (auto_map in config.json), "
+                              "which datasleuth does not run by default; pass "
+                              "--trust-remote-code if you trust it")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        found = f"only {', '.join(pickles)}, a pickle format datasleuth never loads" \
+            if pickles else "no weights"
+        raise DatasleuthError(f"{folder} holds {found}; it needs model.safetensors: "
+                              f"{_SAVE_HINT}")
+    for path in weights:
+        _check_safetensors(path)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file with a garbage header or tensors past its end."""
+    try:
+        n, header, size = safetensors_header(path)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{size} bytes, the tensors need {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            struct.error) as e:
+        raise DatasleuthError(f"{path} is not a complete safetensors file ({e}); download or "
+                              "save the checkpoint again") from e
+
+
+def separator_token(tokenizer: Any, separator: int | str | None, rows: int | None
+                    ) -> int | None:
+    """The id of ``separator`` (a token string or an id, as int or digits), checked
+    against the vocabulary; ``None`` keeps the tokenizer's EOS token."""
+    if separator is None:
+        return None
+    text = str(separator)
+    if isinstance(separator, int) or text.isdigit():
+        token_id = int(text)
+    else:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        unk = getattr(tokenizer, "unk_token", None)
+        if token_id is None or (token_id == tokenizer.unk_token_id and text != unk):
+            raise DatasleuthError(f"--separator {text!r} is not a token of the tokenizer's "
+                                  "vocabulary; give one token (e.g. its EOS token "
+                                  f"{getattr(tokenizer, 'eos_token', None)!r}) or a token id")
+    check_token_ids(rows if rows is not None else len(tokenizer), [token_id],
+                    "--separator is token id", "give a token id inside the vocabulary")
+    return int(token_id)

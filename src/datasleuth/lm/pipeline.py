@@ -33,6 +33,7 @@ from datasleuth.curvature import Curvature
 from datasleuth.distributed import active, barrier, rank_zero_first, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
+from datasleuth.folders import OutputSet
 from datasleuth.fsdp import is_sharded
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus, load_documents, pack_corpus
@@ -56,6 +57,8 @@ from datasleuth.lm.stages import (
 from datasleuth.lm.tables import write_results_table
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig
+from datasleuth.progress import snapshot_on_interrupt
+from datasleuth.report import render_report
 from datasleuth.storage import load_curvature, read_json, write_json
 
 if TYPE_CHECKING:
@@ -183,13 +186,16 @@ def fit_factors(
                                 (f".rank{rank}" if size > 1 else "") + ".safetensors")
     if snapshot.is_file():
         say(f"resuming the fit from {snapshot} if it matches")
-    curvature = fit_curvature(model, CausalLMTask(), loader, layers, config, progress=progress,
-                              checkpoint=snapshot, checkpoint_seconds=60.0,
-                              checkpoint_key=f"{corpus.fingerprint}:{max_sequences}:{batch_size}")
+    with snapshot_on_interrupt():  # Ctrl-C: the next batch saves the fit, then stops
+        curvature = fit_curvature(model, CausalLMTask(), loader, layers, config,
+                                  progress=progress, checkpoint=snapshot, checkpoint_seconds=60.0,
+                                  checkpoint_key=f"{corpus.fingerprint}:{max_sequences}:"
+                                                 f"{batch_size}", keep_checkpoint=True)
     curvature.metadata.update(corpus_fingerprint=corpus.fingerprint, max_sequences=max_sequences)
     if world()[0] == 0:
         curvature.save(path)
     barrier()
+    snapshot.unlink(missing_ok=True)  # only once the factors are safely on disk
     say(f"fitted {config.curvature} on {curvature.metadata['sequences']} sequences, "
         f"{len(layers)} layers -> {path}")
     return curvature
@@ -415,9 +421,11 @@ def run_trace(
     rescore: int = DEFAULT_RESCORE,
     approximate: bool = False,
     progress: bool = True,
+    report: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Trace every query through the corpus; write results.json (reused if inputs match)
-    and its long table results.parquet (:mod:`datasleuth.lm.tables`).
+    """Trace every query through the corpus; write results.json (reused if inputs match),
+    its long table results.parquet (:mod:`datasleuth.lm.tables`) and, given ``report``, the
+    HTML report there, all committed together.
 
     ``queries`` is what :func:`~datasleuth.lm.load_queries` reads: a JSON Lines path, a
     list of dicts or Query objects (chat transcripts included), a ``datasets.Dataset``.
@@ -447,7 +455,7 @@ def run_trace(
                      approximate=approximate)
     previous = _reusable(out / "results.json", key)
     if previous is not None:
-        return _written(previous, corpus, out, table_only=True)
+        return _written(previous, corpus, out, table_only=True, report=report)
     job, warnings = _trace_job(model, tokenizer, corpus, curvature, queries, config, out,
                                {"model": model_name, "corpus": corpus_name, "input_digest": key},
                                candidates_k=candidates_k, workdir=workdir or out,
@@ -458,18 +466,23 @@ def run_trace(
                              candidates_k=candidates_k, layers=curvature.layer_names,
                              first_stage=first.stage if first else {"kind": "full"},
                              corpus_fingerprint=corpus.fingerprint, seq_len=corpus.seq_len)
-    return _written(results, corpus, out)
+    return _written(results, corpus, out, report=report)
 
 
-def _written(results: dict[str, Any], corpus: PackedCorpus, out: Path, table_only: bool = False
-             ) -> dict[str, Any]:
-    """``results`` after rank 0 wrote OUT/results.parquet and (last: the marker a re-run
-    reuses) OUT/results.json; with ``table_only``, the table alone if it is missing."""
+def _written(results: dict[str, Any], corpus: PackedCorpus, out: Path, table_only: bool = False,
+             report: str | Path | None = None) -> dict[str, Any]:
+    """``results`` after rank 0 wrote OUT/results.parquet, OUT/results.json (the marker a
+    re-run reuses) and the HTML ``report``, committed together (:class:`OutputSet`); with
+    ``table_only``, the table alone if it is missing (and the report)."""
     if world()[0] == 0:
-        if not table_only or not (out / "results.parquet").is_file():
-            write_results_table(results, corpus, out / "results.parquet")
-        if not table_only:
-            write_json(out / "results.json", results)
+        with OutputSet(out) as files:
+            if not table_only or not (out / "results.parquet").is_file():
+                write_results_table(results, corpus, files.path("results.parquet"))
+            if not table_only:
+                write_json(files.path("results.json"), results)
+            if report is not None:
+                inside = Path(report).resolve().parent == out.resolve()
+                render_report(results, files.path(Path(report).name) if inside else report)
     barrier()
     return results
 

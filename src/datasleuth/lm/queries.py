@@ -25,7 +25,6 @@ added, the template writes its own. Queries may come from a file, a list of dict
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.lm.corpus.textfiles import json_lines
 
 __all__ = ["Query", "load_queries", "render_chat", "encode_queries", "collate_queries"]
 
@@ -112,23 +112,14 @@ def _load_file(p: Path) -> list[Query]:
         raise DatasleuthError(f"query file {p} does not exist; check the path")
     queries: list[Query] = []
     seen: dict[str, str] = {}
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasleuthError(
-                    f"{where}: malformed JSON ({e.msg}); write one object per line {_SHAPE}"
-                ) from e
-            if not isinstance(obj, dict):
-                raise DatasleuthError(f"{where}: expected a JSON object, got "
-                                      f"{type(obj).__name__}; write one object per line {_SHAPE}")
-            q = _from_dict(obj, where, len(queries), lineno)
-            _unique(q.id, where, seen, f"on line {lineno}")
-            queries.append(q)
+    for lineno, obj in json_lines(p, f"write one object per line {_SHAPE}"):
+        where = f"{p}:{lineno}"
+        if not isinstance(obj, dict):
+            raise DatasleuthError(f"{where}: expected a JSON object, got "
+                                  f"{type(obj).__name__}; write one object per line {_SHAPE}")
+        q = _from_dict(obj, where, len(queries), lineno)
+        _unique(q.id, where, seen, f"on line {lineno}")
+        queries.append(q)
     if not queries:
         raise DatasleuthError(f"query file {p} holds no queries; add lines {_SHAPE}")
     return queries

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from datasleuth.curvature import Curvature
 from datasleuth.distributed import barrier, gather_objects, shard, world
+from datasleuth.folders import OutputSet
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.pipeline import check_context
 from datasleuth.lm.tables import write_table
@@ -55,13 +56,13 @@ def run_self_influence(
     if world()[0] != 0:
         barrier()
         return {"top": [], "n_sequences": len(corpus)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(self_influence_table(corpus, scores, loss), out / "self_influence.parquet")
     doc = {"format_version": 1, "tool": "datasleuth", "kind": "self_influence",
            "curvature": curvature.metadata.get("config"), "layer_names": scores.layer_names,
            "n_sequences": len(corpus), "top": self_influence_top(corpus, scores, loss, top_k)}
-    write_json(out / "self_influence.json", doc)
+    with OutputSet(out_dir) as files:  # the table and its summary land together
+        write_table(self_influence_table(corpus, scores, loss),
+                    files.path("self_influence.parquet"))
+        write_json(files.path("self_influence.json"), doc)
     barrier()
     return doc
 

@@ -27,6 +27,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.heads import attention_heads, sequence_head_scores
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.task import CausalLMTask
+from datasleuth.progress import snapshot_on_interrupt, stop_requested
 from datasleuth.scoring import scan_scores, token_scores
 from datasleuth.storage import load_tensors, replace_durably, save_tensors
 
@@ -205,10 +206,11 @@ def scan_corpus(
             writer.write(idx, torch.where(valid, total, float("nan")))
         saver.maybe_save()
 
-    if scanner is None:
-        scan_scores(model, CausalLMTask(), preconditioned, loader, on_scores, progress=progress)
-    else:
-        scanner(model, CausalLMTask(), loader, on_scores, progress)
+    with snapshot_on_interrupt():  # Ctrl-C: the next batch saves the scan, then stops
+        if scanner is None:
+            scan_scores(model, CausalLMTask(), preconditioned, loader, on_scores, progress)
+        else:
+            scanner(model, CausalLMTask(), loader, on_scores, progress)
     if writer is not None:
         writer.flush()
     if world()[1] > 1:
@@ -230,11 +232,16 @@ class _Snapshots:
         self.last = time.monotonic()
 
     def maybe_save(self) -> None:
-        if self.path is None or time.monotonic() - self.last < self.seconds:
+        stop = stop_requested()  # SIGINT/SIGTERM: snapshot now, then stop
+        if self.path is None or (not stop and time.monotonic() - self.last < self.seconds):
+            if stop:
+                raise KeyboardInterrupt
             return
         self.state.parts = self.writer.flush() if self.writer is not None else 0
         self.state.save(self.path, self.key)
         self.last = time.monotonic()
+        if stop:
+            raise KeyboardInterrupt
 
 
 class _ScanState:

@@ -29,6 +29,7 @@ from datasleuth.curvature import Curvature
 from datasleuth.distributed import local_device, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig
+from datasleuth.folders import locked_run
 from datasleuth.fsdp import shard_model
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus
@@ -39,6 +40,7 @@ from datasleuth.lm.model import (
     default_layers,
     embedding_rows,
     load_model,
+    separator_token,
 )
 from datasleuth.lm.pipeline import (
     DEFAULT_RESCORE,
@@ -54,6 +56,7 @@ from datasleuth.lm.queries import encode_queries, load_queries
 from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.scale.index import GradientIndex, IndexConfig
+from datasleuth.storage import check_writable
 
 if TYPE_CHECKING:
     from datasleuth.evaluation.tail_patch import TailPatchConfig
@@ -336,6 +339,7 @@ def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
     A tokenizer that cannot be the model's, a separator outside its vocabulary and a
     packing with token ids outside it are refused here, before any fitting.
     """
+    check_writable(options.workdir, "--workdir")  # before any work, not after an hour of it
     model, tokenizer = load_model(options.model, dtype=options.dtype,
                                   device=local_device(options.device),
                                   trust_remote_code=options.trust_remote_code,
@@ -358,27 +362,6 @@ def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
     return Inputs(model, tokenizer, layers, corpus)
 
 
-def separator_token(tokenizer: Any, separator: int | str | None, rows: int | None
-                    ) -> int | None:
-    """The id of ``separator`` (a token string or an id, as int or digits), checked
-    against the vocabulary; ``None`` keeps the tokenizer's EOS token."""
-    if separator is None:
-        return None
-    text = str(separator)
-    if isinstance(separator, int) or text.isdigit():
-        token_id = int(text)
-    else:
-        token_id = tokenizer.convert_tokens_to_ids(text)
-        unk = getattr(tokenizer, "unk_token", None)
-        if token_id is None or (token_id == tokenizer.unk_token_id and text != unk):
-            raise DatasleuthError(f"--separator {text!r} is not a token of the tokenizer's "
-                                  "vocabulary; give one token (e.g. its EOS token "
-                                  f"{getattr(tokenizer, 'eos_token', None)!r}) or a token id")
-    check_token_ids(rows if rows is not None else len(tokenizer), [token_id],
-                    "--separator is token id", "give a token id inside the vocabulary")
-    return int(token_id)
-
-
 def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool
          ) -> Curvature:
     if options.factors is not None:  # e.g. fitted during training (datasleuth.lm.trainer)
@@ -389,6 +372,7 @@ def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, p
                        options.batch_size, options.max_sequences, progress)
 
 
+@locked_run("load.workdir", "options.out")
 def fit(load: LoadOptions, options: FitOptions | None = None, *, progress: bool = True
         ) -> Curvature:
     """Fit curvature factors (EK-FAC by default) on the corpus, or reuse a matching fit.
@@ -399,6 +383,7 @@ def fit(load: LoadOptions, options: FitOptions | None = None, *, progress: bool 
                 progress)
 
 
+@locked_run("load.workdir", "options.out")
 def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions | None = None,
                   *, progress: bool = True) -> dict[str, Any]:
     """Find the training sequences that made each query's completion more (or less) likely.
@@ -424,7 +409,7 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
     else:
         curvature = None
     results = _trace(inputs, curvature, method, queries, load, options, progress)
-    if options.report and world()[0] == 0:
+    if options.report and world()[0] == 0 and curvature is None:  # else written with results
         from datasleuth.report import render_report
 
         render_report(results, options.report_path)
@@ -454,9 +439,11 @@ def _trace(inputs: Inputs, curvature: Any, method: TraceMethod, queries: Any,
                      model_name=str(load.model), corpus_name=load.corpus_name,
                      candidates_k=stage.bm25, workdir=load.workdir,
                      all_scores=options.all_scores, rank=stage.rank, index=stage.index,
-                     rescore=stage.rescore, approximate=stage.approximate, progress=progress)
+                     rescore=stage.rescore, approximate=stage.approximate, progress=progress,
+                     report=options.report_path if options.report else None)
 
 
+@locked_run("load.workdir", "options.out")
 def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None = None,
                         fitting: FitOptions | None = None, *, progress: bool = True
                         ) -> dict[str, Any]:
@@ -473,6 +460,7 @@ def rank_self_influence(load: LoadOptions, options: SelfInfluenceOptions | None 
                               options.top_k, options.batch_size, progress)
 
 
+@locked_run("load.workdir")  # the index folder is checked by the index itself
 def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
                  progress: bool = True) -> GradientIndex:
     """Build (or resume, or reuse) a projected-gradient index of the corpus.
@@ -481,6 +469,7 @@ def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
     are re-scored with the fitted curvature.
     """
     options = options or IndexOptions()
+    check_writable(options.out)
     inputs = load_inputs(load, progress=progress)
     return build_corpus_index(inputs.model, inputs.layers, inputs.corpus, options.out,
                               options.config, batch_size=options.batch_size,

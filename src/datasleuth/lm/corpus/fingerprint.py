@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from datasleuth.errors import DatasleuthError
@@ -24,6 +24,7 @@ from datasleuth.lm.corpus.readers import (
     iter_batches,
     load_documents,
 )
+from datasleuth.lm.corpus.textfiles import file_digest
 
 __all__ = ["corpus_fingerprint", "tokenizer_info"]
 
@@ -79,11 +80,16 @@ class ContentHash:
 
 
 def source_key(sources: Sequence[str]) -> str:
-    """Source key of corpus files: their paths, sizes and modification times."""
+    """Source key of corpus files (or saved-dataset folders): their paths and the hash of
+    their content, so a file edited in place is packed again even when its size and
+    modification time are unchanged."""
     h = hashlib.sha256()
     for s in sources:
-        st = os.stat(s)
-        h.update(f"{s}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        p = Path(s)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(f"{s}|{f.relative_to(p) if p.is_dir() else ''}|{file_digest(f)}\n"
+                     .encode())
     return "files:" + h.hexdigest()
 
 
@@ -110,9 +116,9 @@ def corpus_fingerprint(
 ) -> str:
     """Fingerprint of what :func:`pack_corpus` would produce from these inputs.
 
-    For paths (or a dataset straight from :func:`load_documents`) it hashes file paths,
-    sizes and modification times; for any other documents it hashes their text (one
-    cheap pass, no tokenisation).
+    For paths (or a dataset straight from :func:`load_documents`) it hashes file paths
+    and file content (BLAKE2b over the bytes, :func:`source_key`); for any other
+    documents it hashes their text. Either is one cheap pass, no tokenisation.
     """
     separator = separator_id(tokenizer, separator_token_id)
     info = tokenizer_info(tokenizer)

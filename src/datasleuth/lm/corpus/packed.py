@@ -143,11 +143,15 @@ class PackedCorpus:
             fix = f"delete {self.directory} so the corpus is packed again"
             tok = memmap_safetensors(self.directory / TOKENS, fix)
             off = memmap_safetensors(self.directory / OFFSETS, fix)
-            seg = pq.read_table(self.directory / SEGMENTS)
-            cols = [seg.column(c).to_numpy() for c in SEGMENT_COLUMNS]
+            try:  # a damaged segments or documents file: refused, so the corpus is re-packed
+                seg = pq.read_table(self.directory / SEGMENTS)
+                cols = [seg.column(c).to_numpy() for c in SEGMENT_COLUMNS]
+                docs = pa.ipc.open_file(pa.memory_map(str(self.directory / DOCUMENTS))
+                                        ).read_all()
+            except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+                raise DatasleuthError(f"{self.directory} is damaged ({e}); {fix}") from e
             n = len(tok["lengths"])
             ptr = np.searchsorted(cols[0], np.arange(n + 1), side="left")
-            docs = pa.ipc.open_file(pa.memory_map(str(self.directory / DOCUMENTS))).read_all()
             idx = docs.column("doc_index").to_numpy()
             if np.array_equal(idx, np.arange(len(idx))):
                 rows = order = None

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -41,16 +41,63 @@ __all__ = ["pack_corpus"]
 _DOC_SCHEMA = pa.schema([("doc_index", pa.int64()), ("text", pa.large_string())])
 
 
-def _tokenize(tokenizer: Any, texts: list[str], sep: int) -> tuple[np.ndarray, ...]:
-    """Tokenise a batch; returns flat arrays (ids, char starts, char ends, ordinal, is_eos)."""
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                    return_attention_mask=False, return_token_type_ids=False)
-    ids_l, starts_l, ends_l, ord_l = [], [], [], []
-    for k, (text, ids, offsets) in enumerate(
-        zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True)
-    ):
-        n = len(ids)
-        tlen = len(text)
+#: Characters tokenised at a time: a longer document is cut into pieces at whitespace and
+#: each piece tokenised alone, so the tokenizer's memory (about 200 bytes per token) and
+#: the packer's arrays stay bounded by this and ``seq_len``, whatever a document's length
+#: (128 Ki characters: about 30 MB of tokenizer output).
+PIECE_CHARS = 1 << 17
+
+
+class _Piece(NamedTuple):
+    """Characters ``offset:offset+len(text)`` of the batch's document ``k``."""
+
+    k: int
+    text: str
+    offset: int
+    last: bool  # the document's last piece: its separator follows
+
+
+def _cut(text: str, start: int, limit: int) -> int:
+    """Where the piece of ``text`` from ``start`` ends: at most ``limit`` characters on, just
+    before a run of whitespace when one is in the second half (a pre-token boundary)."""
+    end = start + limit
+    if end >= len(text):
+        return len(text)
+    for j in range(end, start + limit // 2, -1):
+        if text[j].isspace() and not text[j - 1].isspace():
+            return j
+    return end
+
+
+def _pieces(texts: list[str], limit: int) -> list[list[_Piece]]:
+    """The batch's documents as groups of pieces of about ``limit`` characters in all."""
+    groups: list[list[_Piece]] = [[]]
+    size = 0
+    for k, text in enumerate(texts):
+        start = 0
+        while True:
+            end = _cut(text, start, limit)
+            groups[-1].append(_Piece(k, text[start:end], start, end >= len(text)))
+            size += end - start
+            if size >= limit:
+                groups.append([])
+                size = 0
+            if end >= len(text):
+                break
+            start = end
+    return [g for g in groups if g]
+
+
+def _tokenize(tokenizer: Any, pieces: list[_Piece], sep: int) -> tuple[np.ndarray, ...]:
+    """Tokenise pieces of documents; returns flat arrays (ids, char starts, char ends,
+    ordinal, is_eos), character offsets counted in the whole document."""
+    enc = tokenizer([p.text for p in pieces], add_special_tokens=False,
+                    return_offsets_mapping=True, return_attention_mask=False,
+                    return_token_type_ids=False)
+    ids_l, starts_l, ends_l, ord_l, eos_l = [], [], [], [], []
+    for piece, ids, offsets in zip(pieces, enc["input_ids"], enc["offset_mapping"],
+                                   strict=True):
+        n, tlen = len(ids), len(piece.text)
         if n:
             starts = np.asarray(offsets, dtype=np.int64).reshape(n, 2)[:, 0]
             starts = np.clip(np.maximum.accumulate(starts), 0, tlen)
@@ -60,15 +107,14 @@ def _tokenize(tokenizer: Any, texts: list[str], sep: int) -> tuple[np.ndarray, .
         else:  # a document with no tokens: its EOS carries the (whitespace) text
             starts = ends = np.zeros(0, dtype=np.int64)
             eos_start = 0
-        ids_l.append(np.append(np.asarray(ids, dtype=np.int64), sep))
-        starts_l.append(np.append(starts, eos_start))
-        ends_l.append(np.append(ends, tlen))
-        ord_l.append(np.full(n + 1, k, dtype=np.int64))
-    ids = np.concatenate(ids_l)
-    is_eos = np.zeros(len(ids), dtype=bool)
-    is_eos[np.cumsum([len(a) for a in ids_l]) - 1] = True
-    return ids, np.concatenate(starts_l), np.concatenate(ends_l), np.concatenate(ord_l), is_eos
-
+        extra = 1 if piece.last else 0  # the separator after the document's last piece
+        ids_l.append(np.append(np.asarray(ids, dtype=np.int64), [sep] * extra))
+        starts_l.append(np.append(starts, [eos_start] * extra) + piece.offset)
+        ends_l.append(np.append(ends, [tlen] * extra) + piece.offset)
+        ord_l.append(np.full(n + extra, piece.k, dtype=np.int64))
+        eos_l.append(np.append(np.zeros(n, dtype=bool), [True] * extra))
+    return (np.concatenate(ids_l), np.concatenate(starts_l), np.concatenate(ends_l),
+            np.concatenate(ord_l), np.concatenate(eos_l))
 
 
 class _Packer:
@@ -99,17 +145,31 @@ class _Packer:
         self.truncated = [0, 0]  # documents cut at seq_len (pack=False), tokens dropped
 
     def add(self, batch: list[tuple[int, str]], tokenizer: Any) -> None:
-        ids, starts, ends, ords, eos = _tokenize(tokenizer, [t for _, t in batch], self.sep)
-        self.text_tokens += int(len(ids) - eos.sum())
-        self.text_chars += sum(len(t) - sum(map(t.count, " \n\t\r")) for _, t in batch)
-        if len(ids):
-            self.max_id = max(self.max_id, int(ids.max()))
-        if not self.pack:
-            self._add_documents(batch, (ids, starts, ends, ords, eos))
+        texts = [t for _, t in batch]
+        self.text_chars += sum(len(t) - sum(map(t.count, " \n\t\r")) for t in texts)
+        groups = _pieces(texts, PIECE_CHARS)
+        if not self.pack:  # documents are cut at seq_len: their arrays are one batch's
+            pieces = [p for g in groups for p in g]
+            self._add_documents(batch, self._counted(_tokenize(tokenizer, pieces, self.sep)))
             return
-        new = (ids, starts, ends, ords + self.n_docs, eos)
+        base = self.n_docs
         self.idx = np.append(self.idx, np.array([i for i, _ in batch], dtype=np.int64))
         self.n_docs += len(batch)
+        for group in groups:  # memory: one group of pieces and less than one row pending
+            ids, starts, ends, ords, eos = self._counted(_tokenize(tokenizer, group, self.sep))
+            self._push((ids, starts, ends, ords + base, eos))
+
+    def _counted(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        ids, eos = arrays[0], arrays[4]
+        self.text_tokens += int(len(ids) - eos.sum())
+        if len(ids):
+            self.max_id = max(self.max_id, int(ids.max()))
+        return arrays
+
+    def _push(self, new: tuple[np.ndarray, ...]) -> None:
+        """Append tokens to the stream and write every full row."""
+        if not len(new[0]):  # a piece of whitespace only: nothing to add
+            return
         if self.pending is not None:
             new = tuple(np.concatenate([a, b]) for a, b in zip(self.pending, new, strict=True))
         n_full = len(new[0]) // self.seq_len * self.seq_len
@@ -117,7 +177,8 @@ class _Packer:
             self._emit(tuple(a[:n_full] for a in new))
         rest = tuple(a[n_full:] for a in new)
         self.pending = rest if len(rest[0]) else None
-        keep = int(rest[3][0]) if self.pending is not None else self.n_docs
+        ords, eos = new[3], new[4]
+        keep = int(rest[3][0]) if self.pending is not None else int(ords[-1]) + int(eos[-1])
         self.idx = self.idx[keep - self.idx_base:]  # forget documents fully written
         self.idx_base = keep
 

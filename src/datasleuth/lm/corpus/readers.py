@@ -12,6 +12,7 @@ for fingerprinting and packing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.lm.corpus.textfiles import file_digest, json_lines, scan_text
 
 __all__ = ["load_documents", "DOCUMENT_FIELDS", "DocumentBatch"]
 
@@ -129,6 +131,7 @@ def _scan_json(files: Sequence[Path], text_field: str) -> None:
     for f in files:
         if f.suffix.lower() == ".json":
             try:
+                scan_text([f])
                 json.loads(f.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise DatasleuthError(
@@ -136,27 +139,18 @@ def _scan_json(files: Sequence[Path], text_field: str) -> None:
                     "one object per line)"
                 ) from e
             continue
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasleuthError(
-                        f"{f}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line"
-                    ) from e
-                if not isinstance(obj, dict):
-                    raise DatasleuthError(
-                        f"{f}:{lineno}: expected a JSON object like {{\"{text_field}\": \"...\"}}, "
-                        f"got {type(obj).__name__}; write one object per line"
-                    )
-                value = obj.get(text_field)
-                if value is not None and not isinstance(value, str):
-                    raise DatasleuthError(
-                        f"{f}:{lineno}: field {text_field!r} is {type(value).__name__}, not a "
-                        "string; store the document text as a string"
-                    )
+        for lineno, obj in json_lines(f, "fix or remove that line", "JSON line"):
+            if not isinstance(obj, dict):
+                raise DatasleuthError(
+                    f"{f}:{lineno}: expected a JSON object like {{\"{text_field}\": \"...\"}}, "
+                    f"got {type(obj).__name__}; write one object per line"
+                )
+            value = obj.get(text_field)
+            if value is not None and not isinstance(value, str):
+                raise DatasleuthError(
+                    f"{f}:{lineno}: field {text_field!r} is {type(value).__name__}, not a "
+                    "string; store the document text as a string"
+                )
 
 
 def check_columns(columns: Sequence[str] | None, text_field: str, where: str) -> None:
@@ -246,6 +240,11 @@ def _load_files(kind: str, files: list[Path], text_field: str, streaming: bool,
     import datasets
 
     where = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more)"
+    if not streaming:  # datasets keys its Arrow cache by path and mtime: key it by content
+        content = hashlib.blake2b("|".join(file_digest(f) for f in files).encode(),
+                                  digest_size=8).hexdigest()
+        cache_dir = str(Path(cache_dir or datasets.config.HF_DATASETS_CACHE)
+                        / "datasleuth-content" / content)
     kwargs: dict[str, Any] = {"data_files": [str(f) for f in files], "split": "train",
                               "streaming": streaming, "cache_dir": cache_dir}
     if kind == "text":
@@ -257,6 +256,8 @@ def _load_files(kind: str, files: list[Path], text_field: str, streaming: bool,
     except Exception as e:
         if kind == "json" and not streaming:  # name the malformed line if there is one
             _scan_json(files, text_field)
+        if kind == "text":
+            scan_text(files)
         raise DatasleuthError(f"could not read {where} ({e}); check the file format") from e
     if streaming and kind == "json":
         ds = datasets.IterableDataset.from_generator(
@@ -391,7 +392,19 @@ def iter_batches(
     documents: Any, text_field: str, batch_size: int
 ) -> Iterator[DocumentBatch]:
     """Yield :class:`DocumentBatch` lists of (doc_index, text) from a Dataset,
-    IterableDataset or sequence of strings/dicts."""
+    IterableDataset or sequence of strings/dicts; text that is not UTF-8 is refused
+    naming the file and line where the documents came from files."""
+    try:
+        yield from _batches(documents, text_field, batch_size)
+    except UnicodeDecodeError as e:
+        files = [Path(f) for f in getattr(documents, SOURCES_ATTR, None) or []]
+        scan_text([f for f in files if f.suffix.lower() not in (".parquet", ".arrow")
+                    and f.is_file()])
+        raise DatasleuthError(f"the corpus holds text that is not valid UTF-8 ({e.reason} at "
+                              f"byte {e.start}); re-save it as UTF-8") from None
+
+
+def _batches(documents: Any, text_field: str, batch_size: int) -> Iterator[DocumentBatch]:
     import datasets
 
     if isinstance(documents, datasets.Dataset):
