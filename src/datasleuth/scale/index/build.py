@@ -6,6 +6,7 @@ continues at its first unfinished shard; ``append`` adds data after the existing
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,11 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
+from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.progress import progress_counter
 from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, IndexConfig
 from datasleuth.scale.index.projection import LayerProjection, make_projections
+from datasleuth.scale.index.sizing import size_report
 from datasleuth.scale.index.store import MANIFEST, PROJECTIONS, GradientIndex, shard_name
 from datasleuth.storage import model_fingerprint, save_tensors, write_json
 from datasleuth.streaming import BatchEnd, stream
@@ -28,10 +31,27 @@ from datasleuth.task import Task
 __all__ = ["build_index", "projected_rows"]
 
 
+def curvature_digest(curvature: Curvature, names: Sequence[str]) -> str:
+    """Digest of the eigenvalues, bases and damping a whitened index was built with."""
+    h = hashlib.sha256()
+    for name in names:
+        layer = curvature.layers[name]
+        h.update(f"{name}:{layer.damping!r}".encode())
+        bases = [b.dense() for b in (layer.q_out, layer.q_in) if b is not None]
+        for t in (layer.eigenvalues, *bases):
+            h.update(t.detach().double().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def _new_manifest(
     model: nn.Module, layers: list[TrackedLayer], config: IndexConfig,
-    projections: list[LayerProjection],
+    projections: list[LayerProjection], curvature: Curvature | None,
 ) -> dict:
+    whitening = None
+    if config.whitened and curvature is not None:
+        whitening = {"kind": config.whitening, "curvature": curvature.kind,
+                     "curvature_digest": curvature_digest(curvature, [ly.name for ly in layers]),
+                     "sizes": size_report(layers, curvature)}
     return {
         "format_version": INDEX_FORMAT_VERSION,
         "config": config.to_dict(),
@@ -46,11 +66,13 @@ def _new_manifest(
         "parts": [],
         "shards": [],
         "rows": 0,
+        "whitening": whitening,
     }
 
 
 def _open_for_build(
-    directory: Path, model: nn.Module, layers: list[TrackedLayer], config: IndexConfig
+    directory: Path, model: nn.Module, layers: list[TrackedLayer], config: IndexConfig,
+    curvature: Curvature | None,
 ) -> GradientIndex:
     """Open the index in ``directory`` for resuming/appending, or create an empty one."""
     if (directory / MANIFEST).is_file():
@@ -65,18 +87,30 @@ def _open_for_build(
             raise DatasleuthError(f"{directory} indexes layers {index.layer_names}, not {names}; "
                                   "pass the same layers, or build into a new directory")
         index.check_model(model)
+        _check_curvature(index, curvature)
         return index
     directory.mkdir(parents=True, exist_ok=True)
-    projections = make_projections(layers, config)
-    if config.projection != "identity":
-        tensors = {}
-        for p in projections:
-            tensors[f"{p.name}/out"], tensors[f"{p.name}/in"] = p.p_out, p.p_in
+    projections = make_projections(layers, config, curvature)
+    tensors = {k: v for p in projections for k, v in p.tensors().items()}
+    if tensors:
         save_tensors(directory / PROJECTIONS, tensors,
                      {"format_version": INDEX_FORMAT_VERSION, "config": config.to_dict()})
-    manifest = _new_manifest(model, layers, config, projections)
+    manifest = _new_manifest(model, layers, config, projections, curvature)
     write_json(directory / MANIFEST, manifest)
     return GradientIndex(directory, manifest, projections)
+
+
+def _check_curvature(index: GradientIndex, curvature: Curvature | None) -> None:
+    """Refuse to add rows to a whitened index under another curvature than its own."""
+    if not index.config.whitened:
+        return
+    if curvature is None:
+        raise DatasleuthError(f"{index.directory} is whitened; pass the curvature it was built "
+                              "with (curvature=...) to resume or append")
+    if curvature_digest(curvature, index.layer_names) != \
+            index.manifest["whitening"]["curvature_digest"]:
+        raise DatasleuthError(f"{index.directory} was whitened with another fitted curvature; "
+                              "pass that curvature, or build into a new directory")
 
 
 def _start_part(index: GradientIndex, n: int, append: bool, resume: bool) -> dict | None:
@@ -120,6 +154,7 @@ def build_index(
     append: bool = False,
     resume: bool = True,
     progress: bool = True,
+    curvature: Curvature | None = None,
 ) -> GradientIndex:
     """Index the projected log-likelihood gradient of every sequence of ``dataset``.
 
@@ -131,7 +166,9 @@ def build_index(
     ``resume=True`` (the default) at its first unfinished shard (``resume=False``
     rewrites the unfinished part from its start). ``append=True`` adds ``dataset`` after
     the existing rows. Rows are gradients of the log-likelihood −L, so they score
-    queries directly (docs/method.md §7; Choe et al. 2024).
+    queries directly (docs/method.md §7; Choe et al. 2024). A whitened
+    ``config.whitening`` needs the fitted ``curvature`` (K-FAC or EK-FAC of the same
+    layers); its rows then score each other as influence (METHOD.md §11).
     """
     config = config or IndexConfig()
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
@@ -141,7 +178,7 @@ def build_index(
         raise DatasleuthError(f"batch_size must be a positive integer, got {batch_size!r}")
     tracked = resolve_layers(model, layers)
     directory = Path(out_dir)
-    index = _open_for_build(directory, model, tracked, config)
+    index = _open_for_build(directory, model, tracked, config, curvature)
     part = _start_part(index, len(dataset), append, resume)
     if part is None:
         return index

@@ -28,9 +28,30 @@ from datasleuth.task import Task
 if TYPE_CHECKING:
     from datasleuth.scale.index.store import GradientIndex
 
-__all__ = ["CURVATURE_FILE", "ProjectedCurvature", "fit_projected_curvature"]
+__all__ = ["CURVATURE_FILE", "ProjectedCurvature", "Whitened", "fit_projected_curvature"]
 
 CURVATURE_FILE = "curvature.safetensors"
+
+
+class Whitened:
+    """The query preconditioner of a whitened index: none, since its rows carry the
+    metric (W g with W² ≈ (G + λI)⁻¹, METHOD.md §11), so queries are projected alike."""
+
+    kind = "whitened"
+
+    def __init__(self, layer_names: list[str]):
+        self._names = list(layer_names)
+        self.metadata: dict = {"kind": "whitened"}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._names)
+
+    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        return dict(grads)
+
+    def to(self, device: torch.device | str) -> Whitened:
+        return self
 
 
 class ProjectedCurvature:
@@ -107,6 +128,9 @@ def fit_projected_curvature(
     """
     if fisher not in ("sampled", "empirical"):
         raise DatasleuthError(f"fisher must be 'sampled' or 'empirical', not {fisher!r}")
+    if index.config.whitened:
+        raise DatasleuthError(f"{index.directory} is whitened ({index.config.whitening}); its "
+                              "queries need no projected curvature: skip this step")
     index.check_model(model)
     layers = layers_by_name(model, index.layer_names)
     sums = {p.name: torch.zeros(p.dim, p.dim, dtype=torch.float64) for p in index.projections}

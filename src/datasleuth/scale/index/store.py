@@ -6,7 +6,9 @@ Directory layout (all writes atomic; ``manifest.json`` is rewritten after every 
   layer names, gradient shapes and projected sizes, the build parts and the completed
   shards, rows.
 * ``projections.safetensors`` -- ``{layer}/in`` (k_in, M+1) and ``{layer}/out`` (k_out, P),
-  float64 (absent for the identity projection).
+  float64 (absent for the identity projection); with whitening the root is folded in
+  (``"kron"``) or stored beside them as ``{layer}/q_in``, ``/q_out``, ``/scale``
+  (``"ekfac"``; :mod:`.projection`).
 * ``shard_00000.safetensors`` ... -- ``rows`` (n, D) in the storage dtype; the header holds
   the global row range ``[start, stop)`` it covers.
 * ``curvature.safetensors`` -- the projected Gauss-Newton (:mod:`.curvature`).
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, layers_by_name, resolve_layers
 from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, IndexConfig
-from datasleuth.scale.index.curvature import CURVATURE_FILE, ProjectedCurvature
+from datasleuth.scale.index.curvature import CURVATURE_FILE, ProjectedCurvature, Whitened
 from datasleuth.scale.index.projection import LayerProjection
 from datasleuth.scale.index.search import approximate_search, exact_search
 from datasleuth.scoring import Features
@@ -53,22 +55,25 @@ class GradientIndex:
         self.manifest = manifest
         self.config = IndexConfig.from_dict(manifest["config"])
         self.projections = projections
-        self._curvature: ProjectedCurvature | None = None
-        if (directory / CURVATURE_FILE).is_file():
+        self._curvature: ProjectedCurvature | Whitened | None = None
+        if self.config.whitened:
+            self._curvature = Whitened(self.layer_names)
+        elif (directory / CURVATURE_FILE).is_file():
             curvature = ProjectedCurvature.load(directory / CURVATURE_FILE)
             if curvature.metadata.get("fingerprint") == self.fingerprint:
                 self._curvature = curvature
 
     @property
-    def curvature(self) -> ProjectedCurvature:
-        """The projected curvature, the preconditioner of this index's queries."""
+    def curvature(self) -> ProjectedCurvature | Whitened:
+        """The preconditioner of this index's projected queries: the projected curvature,
+        or for a whitened index the identity (its rows already carry the metric)."""
         if self._curvature is None:
             raise DatasleuthError(f"{self.directory} has no projected curvature; run "
                                   "fit_projected_curvature(model, task, loader, index) first")
         return self._curvature
 
     @curvature.setter
-    def curvature(self, value: ProjectedCurvature) -> None:
+    def curvature(self, value: ProjectedCurvature | Whitened) -> None:
         self._curvature = value
 
     @property
@@ -263,11 +268,12 @@ def _read_manifest(directory: Path) -> dict:
 
 
 def _load_projections(directory: Path, manifest: dict) -> list[LayerProjection]:
-    tensors = {} if manifest["config"]["projection"] == "identity" else \
-        load_tensors(directory / PROJECTIONS)[0]
+    tensors = load_tensors(directory / PROJECTIONS)[0] if (directory / PROJECTIONS).is_file() \
+        else {}
     out = []
     for layer in manifest["layers"]:
         name = layer["name"]
-        out.append(LayerProjection(name, layer["k_out"], layer["k_in"],
-                                   tensors.get(f"{name}/out"), tensors.get(f"{name}/in")))
+        t = {k: tensors.get(f"{name}/{k}") for k in ("out", "in", "q_out", "q_in", "scale")}
+        out.append(LayerProjection(name, layer["k_out"], layer["k_in"], t["out"], t["in"],
+                                   t["q_out"], t["q_in"], t["scale"]))
     return out
