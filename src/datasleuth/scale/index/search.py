@@ -34,6 +34,7 @@ ANN_METHODS = ("auto", "hnsw", "ivf", "ivfpq")
 HNSW_MAX_ROWS = 50_000
 IVF_MAX_ROWS = 500_000
 _TRAIN_PER_LIST = 64  # training rows per inverted list (FAISS warns under 39)
+MAX_NLIST = 1024  # bounds k-means training time; ~1000 rows per list at 10⁶ rows
 
 
 def exact_search(index: GradientIndex, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -78,8 +79,8 @@ def approximate_search(
 
 
 def _default_nlist(n: int) -> int:
-    """4·√N inverted lists, but at least 39 training points per list (FAISS's advice)."""
-    return max(1, min(int(round(4 * math.sqrt(n))), n // 39))
+    """4·√N inverted lists (at most 1024), at least 39 training points per list (FAISS)."""
+    return max(1, min(int(round(4 * math.sqrt(n))), n // 39, MAX_NLIST))
 
 
 def _pq_parts(d: int) -> int:
@@ -93,7 +94,7 @@ class _AnnIndex:
     ``"hnsw"``: a navigable small-world graph (M = 32, efConstruction 80, efSearch
     max(128, 2k)); no training, high recall on unstructured rows. ``"ivf"``: an
     inverted file with nlist from N (:func:`_default_nlist`), trained on up to 64 rows
-    per list taken evenly over the shards, searched in ``nprobe`` = nlist/4 lists by
+    per list taken evenly over the shards, searched in ``nprobe`` = nlist/8 lists by
     default. ``"ivfpq"``: the same lists holding product-quantised codes (8 bits per
     sub-quantiser), 4k candidates fetched and re-scored exactly. IVF indices are
     retrained from scratch once the rows outgrow 8× those they were trained for.
@@ -159,7 +160,7 @@ class _AnnIndex:
                                           else 1)))
         index.train(np.ascontiguousarray(train.numpy()))
         index.quantizer_trains_alone = 0
-        meta.update(nlist=nlist, nprobe=max(1, int(math.ceil(nlist / 4))))
+        meta.update(nlist=nlist, nprobe=max(1, int(math.ceil(nlist / 8))))
         return cls(index, method, meta)
 
     def _add(self, gi: GradientIndex, first: int, shards: list[str]) -> None:
