@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasleuth.curvature import Curvature
+from datasleuth.distributed import active, barrier, rank_zero_first, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.progress import progress_counter
@@ -24,7 +25,7 @@ from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, 
 from datasleuth.scale.index.projection import LayerProjection, make_projections
 from datasleuth.scale.index.sizing import size_report
 from datasleuth.scale.index.store import MANIFEST, PROJECTIONS, GradientIndex, shard_name
-from datasleuth.storage import model_fingerprint, save_tensors, write_json
+from datasleuth.storage import model_fingerprint, read_json, save_tensors, write_json
 from datasleuth.streaming import BatchEnd, stream
 from datasleuth.task import Task
 
@@ -164,7 +165,9 @@ def build_index(
     only ever depends on its shard's batches. Rows are written ``config.shard_size`` at a
     time; the manifest is rewritten after each shard, so a killed build resumes with
     ``resume=True`` (the default) at its first unfinished shard (``resume=False``
-    rewrites the unfinished part from its start). ``append=True`` adds ``dataset`` after
+    rewrites the unfinished part from its start). Under ``torchrun`` each process writes
+    every world-th shard and rank 0 merges the manifest (:func:`_build_sharded`); the
+    directory equals a one-process build. ``append=True`` adds ``dataset`` after
     the existing rows. Rows are gradients of the log-likelihood −L, so they score
     queries directly (docs/method.md §7; Choe et al. 2024). A whitened
     ``config.whitening`` needs the fitted ``curvature`` (K-FAC or EK-FAC of the same
@@ -178,21 +181,30 @@ def build_index(
         raise DatasleuthError(f"batch_size must be a positive integer, got {batch_size!r}")
     tracked = resolve_layers(model, layers)
     directory = Path(out_dir)
-    index = _open_for_build(directory, model, tracked, config, curvature)
+    with rank_zero_first():  # rank 0 creates the directory; the others open it
+        index = _open_for_build(directory, model, tracked, config, curvature)
     part = _start_part(index, len(dataset), append, resume)
     if part is None:
         return index
     collate = collate_fn or default_collate
-    with progress_counter("index", total=part["source_rows"], enabled=progress,
+
+    def shard_rows(lo: int, hi: int) -> Tensor:
+        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                            collate_fn=collate, shuffle=False)
+        rows = projected_rows(model, task, loader, tracked, index)
+        if rows.shape[0] != hi - lo:
+            raise DatasleuthError(f"rows {lo}..{hi} of the dataset gave {rows.shape[0]} "
+                                  "sequences; collate_fn must keep one row per item")
+        return rows
+
+    with progress_counter("index", total=part["source_rows"], enabled=progress and not world()[0],
                           initial=part["done"]) as bar:  # in sequences, not shards
+        if active():
+            return _build_sharded(index, part, shard_rows, bar.update)
         for lo in range(part["done"], part["source_rows"], config.shard_size):
             hi = min(lo + config.shard_size, part["source_rows"])
-            loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size,
-                                collate_fn=collate, shuffle=False)
-            rows = projected_rows(model, task, loader, tracked, index, on_rows=bar.update)
-            if rows.shape[0] != hi - lo:
-                raise DatasleuthError(f"rows {lo}..{hi} of the dataset gave {rows.shape[0]} "
-                                      "sequences; collate_fn must keep one row per item")
+            rows = shard_rows(lo, hi)
+            bar.update(hi - lo)
             _write_shard(index, part, lo, hi, rows)
     write_json(directory / MANIFEST, index.manifest)
     return index
@@ -221,8 +233,9 @@ def projected_rows(model: nn.Module, task: Task, loader: Any, layers: list[Track
     return torch.cat(chunks) if chunks else torch.zeros(0, index.dim)
 
 
-def _write_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tensor) -> None:
-    """Store rows lo..hi of the part as the next shard and record it in the manifest."""
+def _save_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tensor,
+                name: str) -> dict:
+    """Write rows lo..hi of the part as shard file ``name``; its manifest entry."""
     config = index.config
     stored = rows.to(STORAGE_DTYPES[config.dtype])
     if not bool(torch.isfinite(stored).all()):
@@ -231,11 +244,56 @@ def _write_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tenso
             f"(max |x| = {float(rows.abs().max()):.3g}); use IndexConfig(dtype='float32')"
         )
     start = part["first_row"] + lo
-    name = shard_name(len(index.manifest["shards"]))
     save_tensors(index.directory / name, {"rows": stored},
                  {"format_version": INDEX_FORMAT_VERSION, "start": start,
                   "stop": start + len(stored), "fingerprint": index.fingerprint})
-    index.manifest["shards"].append({"file": name, "start": start, "stop": start + len(stored)})
-    index.manifest["rows"] = start + len(stored)
+    return {"file": name, "start": start, "stop": start + len(stored)}
+
+
+def _write_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tensor) -> None:
+    """Store rows lo..hi of the part as the next shard and record it in the manifest."""
+    entry = _save_shard(index, part, lo, hi, rows, shard_name(len(index.manifest["shards"])))
+    index.manifest["shards"].append(entry)
+    index.manifest["rows"] = entry["stop"]
     part["done"] = hi
     write_json(index.directory / MANIFEST, index.manifest)
+
+
+def _rank_file(index: GradientIndex, rank: int) -> Path:
+    return index.directory / f"manifest.rank{rank}.json"
+
+
+def _build_sharded(index: GradientIndex, part: dict, shard_rows: Callable[[int, int], Tensor],
+                   on_rows: Callable[[int], None]) -> GradientIndex:
+    """Many processes: shard j of the part goes to rank j mod world, named as one process
+    would name it; each rank lists its shards in ``manifest.rank<r>.json`` (its resume
+    point), and rank 0 merges them into one manifest. Equal to a one-process build."""
+    rank, size = world()
+    n, step = part["source_rows"], index.config.shard_size
+    starts = list(range(part["done"], n, step))
+    base = len(index.manifest["shards"])
+    key = {"first_row": part["first_row"], "from": part["done"], "world": size,
+           "fingerprint": index.fingerprint}
+    path = _rank_file(index, rank)
+    state = read_json(path) if path.is_file() else {}
+    entries = state["shards"] if state.get("key") == key else []
+    have = {e["file"] for e in entries}
+    for j in range(rank, len(starts), size):
+        lo, hi = starts[j], min(starts[j] + step, n)
+        if shard_name(base + j) in have:
+            continue
+        rows = shard_rows(lo, hi)
+        entries.append(_save_shard(index, part, lo, hi, rows, shard_name(base + j)))
+        write_json(path, {"key": key, "shards": entries})
+        on_rows(hi - lo)
+    barrier()
+    if rank == 0:
+        merged = [e for r in range(size) for e in read_json(_rank_file(index, r))["shards"]]
+        index.manifest["shards"].extend(sorted(merged, key=lambda e: e["start"]))
+        index.manifest["rows"] = part["first_row"] + n
+        part["done"] = n
+        write_json(index.directory / MANIFEST, index.manifest)
+        for r in range(size):
+            _rank_file(index, r).unlink()
+    barrier()
+    return GradientIndex.open(index.directory)
