@@ -82,6 +82,11 @@ def test_ekfac_whitened_identity_rows_equal_full_ekfac_scores(fitted, tmp_path):
     torch.testing.assert_close(got, _ekfac_scores(model, task, curv, queries, seqs),
                                rtol=1e-9, atol=1e-12)
     assert reopened.manifest["whitening"]["kind"] == "ekfac"
+    sizes = reopened.manifest["sizes"]
+    for layer in find_layers(model, MLP):
+        assert sizes[layer.name]["effective_dimension"] == pytest.approx(
+            effective_dimension(curv.layers[layer.name]), abs=1e-3)
+        assert sizes[layer.name]["dim"] == layer.grad_shape[0] * layer.grad_shape[1]
 
 
 def test_kron_root_is_exact_for_kronecker_eigenvalues():

@@ -57,7 +57,12 @@ from datasleuth.scale.index.curvature import (
     fit_projected_curvature,
 )
 from datasleuth.scale.index.projection import LayerProjection, ProjectedScorer, kron_root
-from datasleuth.scale.index.sizing import auto_dims, effective_dimension, size_report
+from datasleuth.scale.index.sizing import (
+    auto_config,
+    auto_dims,
+    effective_dimension,
+    size_report,
+)
 from datasleuth.scale.index.store import GradientIndex
 
 __all__ = [
@@ -69,6 +74,7 @@ __all__ = [
     "ProjectedScorer",
     "WHITENINGS",
     "Whitened",
+    "auto_config",
     "auto_dims",
     "build_index",
     "effective_dimension",

@@ -48,11 +48,14 @@ def _new_manifest(
     model: nn.Module, layers: list[TrackedLayer], config: IndexConfig,
     projections: list[LayerProjection], curvature: Curvature | None,
 ) -> dict:
-    whitening = None
+    whitening = sizes = None
+    if curvature is not None:
+        sizes = size_report(layers, curvature)
+        for p in projections:
+            sizes[p.name].update(k_out=p.k_out, k_in=p.k_in, dim=p.dim)
     if config.whitened and curvature is not None:
         whitening = {"kind": config.whitening, "curvature": curvature.kind,
-                     "curvature_digest": curvature_digest(curvature, [ly.name for ly in layers]),
-                     "sizes": size_report(layers, curvature)}
+                     "curvature_digest": curvature_digest(curvature, [ly.name for ly in layers])}
     return {
         "format_version": INDEX_FORMAT_VERSION,
         "config": config.to_dict(),
@@ -68,6 +71,7 @@ def _new_manifest(
         "shards": [],
         "rows": 0,
         "whitening": whitening,
+        "sizes": sizes,  # per layer: effective dimension, theory's sketch size, chosen k
     }
 
 
@@ -171,7 +175,9 @@ def build_index(
     the existing rows. Rows are gradients of the log-likelihood −L, so they score
     queries directly (docs/method.md §7; Choe et al. 2024). A whitened
     ``config.whitening`` needs the fitted ``curvature`` (K-FAC or EK-FAC of the same
-    layers); its rows then score each other as influence (METHOD.md §11).
+    layers); its rows then score each other as influence (METHOD.md §11). Given a
+    ``curvature``, the manifest's ``sizes`` report each layer's effective dimension and
+    the sketch size theory asks for (:mod:`.sizing`).
     """
     config = config or IndexConfig()
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):

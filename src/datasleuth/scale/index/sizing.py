@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from datasleuth.curvature import Curvature, LayerCurvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer
-from datasleuth.scale.index.config import STORAGE_DTYPES
+from datasleuth.scale.index.config import STORAGE_DTYPES, IndexConfig
 
-__all__ = ["DEFAULT_DISTORTION", "auto_dims", "effective_dimension", "size_report"]
+__all__ = ["DEFAULT_DISTORTION", "auto_config", "auto_dims", "effective_dimension",
+           "size_report"]
 
 DEFAULT_DISTORTION = 0.25
 
@@ -96,3 +98,12 @@ def auto_dims(layers: Sequence[TrackedLayer], curvature: Curvature, bytes_per_se
         report[layer.name].update(k_out=k_out[layer.name], k_in=k_in[layer.name],
                                   dim=k_out[layer.name] * k_in[layer.name])
     return k_out, k_in, report
+
+
+def auto_config(config: IndexConfig, layers: Sequence[TrackedLayer], curvature: Curvature,
+                bytes_per_sequence: int, distortion: float = DEFAULT_DISTORTION
+                ) -> tuple[IndexConfig, dict[str, dict[str, Any]]]:
+    """``config`` with per-layer k_out, k_in from :func:`auto_dims`, and the report."""
+    k_out, k_in, report = auto_dims(layers, curvature, bytes_per_sequence, config.dtype,
+                                    distortion)
+    return replace(config, k_out=k_out, k_in=k_in), report
