@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -67,6 +67,14 @@ class LayerProjection:
     q_out: Tensor | None = None
     q_in: Tensor | None = None
     scale: Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _on(self, name: str, like: Tensor) -> Tensor:
+        """Matrix ``name`` on ``like``'s device and dtype, converted once per pair."""
+        key = (name, like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(like.device, like.dtype)
+        return self._cache[key]
 
     @property
     def dim(self) -> int:
@@ -77,23 +85,23 @@ class LayerProjection:
         if self.scale is not None:
             return self._project_ekfac(a, g)
         if self.p_in is not None:
-            a = a @ self.p_in.to(a.device, a.dtype).t()  # (B, T, k_in)
+            a = a @ self._on("p_in", a).t()  # (B, T, k_in)
         if self.p_out is not None:
-            g = g @ self.p_out.to(g.device, g.dtype).t()  # (B, T, k_out)
+            g = g @ self._on("p_out", g).t()  # (B, T, k_out)
         return torch.bmm(g.transpose(1, 2), a).reshape(a.shape[0], -1)  # (B, k_out·k_in)
 
     def _project_ekfac(self, a: Tensor, g: Tensor) -> Tensor:
-        a = a @ self.q_in.to(a.device, a.dtype)  # Q_Aᵀ ā_t, (B, T, M+1)
-        g = g @ self.q_out.to(g.device, g.dtype)  # Q_Sᵀ Ds_t, (B, T, P)
-        c = torch.bmm(g.transpose(1, 2), a) * self.scale.to(a.device, a.dtype)  # (B, P, M+1)
+        a = a @ self._on("q_in", a)  # Q_Aᵀ ā_t, (B, T, M+1)
+        g = g @ self._on("q_out", g)  # Q_Sᵀ Ds_t, (B, T, P)
+        c = torch.bmm(g.transpose(1, 2), a) * self._on("scale", a)  # (B, P, M+1)
         return self._sketch(c)
 
     def _sketch(self, c: Tensor) -> Tensor:
         """P_out C P_inᵀ, flattened: (..., P, M+1) -> (..., k_out·k_in)."""
         if self.p_out is not None:
-            c = self.p_out.to(c.device, c.dtype) @ c
+            c = self._on("p_out", c) @ c
         if self.p_in is not None:
-            c = c @ self.p_in.to(c.device, c.dtype).t()
+            c = c @ self._on("p_in", c).t()
         return c.reshape(*c.shape[:-2], -1)
 
     def project_dense(self, grad: Tensor) -> Tensor:
@@ -141,10 +149,11 @@ def _whitened(layer: TrackedLayer, curv: LayerCurvature, whitening: str,
         p_out = w_s if p_out is None else p_out @ w_s
         p_in = w_a if p_in is None else p_in @ w_a
         return LayerProjection(layer.name, k[0], k[1], p_out, p_in)
-    _require_basis(curv)
-    scale = (curv.eigenvalues.double().clamp_min(0) + curv.damping).rsqrt()
-    return LayerProjection(layer.name, k[0], k[1], p_out, p_in, curv.q_out.dense().double(),
-                           curv.q_in.dense().double(), scale)
+    _require_basis(curv)  # bases and root kept in the curvature's dtype (float32 usually)
+    dtype = curv.eigenvalues.dtype
+    scale = (curv.eigenvalues.double().clamp_min(0) + curv.damping).rsqrt().to(dtype)
+    return LayerProjection(layer.name, k[0], k[1], p_out, p_in, curv.q_out.dense(),
+                           curv.q_in.dense(), scale)
 
 
 def make_projections(layers: Sequence[TrackedLayer], config: IndexConfig,
