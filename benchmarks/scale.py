@@ -93,7 +93,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--skip-scan", action="store_true", help="index and search sections only")
+    p.add_argument("--skip-scan", action="store_true", help="no scan / query-batching section")
+    p.add_argument("--skip-index", action="store_true", help="no index-agreement section")
+    p.add_argument("--skip-search", action="store_true", help="no search-time section")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     if a.quick:
@@ -418,6 +420,9 @@ def main() -> None:
     args = _args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.skip_scan and args.skip_index:  # search only: no model needed
+        search_section(args)
+        return
     st = _setup(args)
     print(f"\nGPT-2 {args.n_layer}x{args.n_embd}, {args.n_seq} sequences x {args.seq_len} "
           f"tokens, {len(st.layers)} MLP layers tracked, device {st.device}, threads "
@@ -426,8 +431,10 @@ def main() -> None:
           f"EK-FAC fit {st.fit_s:.1f} s")
     if not args.skip_scan:
         scan_section(st)
-    index_section(st)
-    search_section(args)
+    if not args.skip_index:
+        index_section(st)
+    if not args.skip_search:
+        search_section(args)
 
 
 if __name__ == "__main__":
