@@ -84,7 +84,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--proj-dims", default="16,32,64,128", help="index widths k (k x k per layer)")
-    p.add_argument("--whitenings", default="none,kron,ekfac")
+    p.add_argument("--whitenings", default="none,kron,ekfac,ekfac-eigen",
+                   help="'-eigen': EK-FAC eigen-coordinate selection instead of a random sketch")
     p.add_argument("--queries", type=int, default=32, help="held-out queries for agreement")
     p.add_argument("--search-rows", default="10000,100000,1000000")
     p.add_argument("--search-dim", type=int, default=1024, help="row width of synthetic rows")
@@ -313,7 +314,9 @@ def _full_reference(st: Setup, q_batches: list[Batch]) -> torch.Tensor:
 def _build_one(st: Setup, whitening: str, k: int, root: str) -> GradientIndex:
     """Build an index (and, for LoGra, its projected curvature) into a fresh folder."""
     task = CausalLMTask()
+    whitening, _, projection = whitening.partition("-")  # e.g. "ekfac-eigen"
     cfg = IndexConfig(k_in=k, k_out=k, dtype="float16", whitening=whitening,
+                      projection=projection or "gaussian",
                       shard_size=max(256, st.args.n_seq // 4))
     out = tempfile.mkdtemp(dir=root)
     gi = build_index(st.model, task, st.items, st.layers, out, cfg,

@@ -184,3 +184,25 @@ def test_whitened_index_needs_its_curvature(fitted, tmp_path):
     with pytest.raises(DatasleuthError, match="another fitted curvature"):
         build_index(model, task, seqs[6:], MLP, tmp_path / "b", index.config, batch_size=3,
                     collate_fn=lm_batch, progress=False, curvature=other, append=True)
+
+
+def test_eigen_selection_keeps_the_highest_energy_ekfac_coordinates(fitted, tmp_path):
+    """projection='eigen': rows are the whitened eigen-coordinates of largest Λ/(Λ+λ)."""
+    model, task, seqs, curv = fitted
+    index = _build(model, task, seqs, curv, tmp_path, k_in=3, k_out=4, projection="eigen",
+                   whitening="ekfac")
+    assert index.dim == 12 * 4
+    layers = find_layers(model, MLP)
+    train = loop_gradients(model, layers, [lm_batch([s]) for s in seqs],
+                           lambda m, b: -task.loss(m, b).sum())
+    want = 0
+    for name, gr in train.items():
+        c = curv.layers[name]
+        sigma = c.eigenvalues.double().reshape(-1)
+        keep = torch.argsort(sigma, descending=True)[:12]  # Λ/(Λ+λ) is monotone in Λ
+        coords = c.rotate(gr).reshape(len(seqs), -1)[:, keep]
+        want = want + (coords / (sigma[keep] + c.damping)) @ coords.t()
+    rows = GradientIndex.open(tmp_path).load_rows()
+    torch.testing.assert_close(rows @ rows.t(), want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(DatasleuthError, match="whitening='ekfac'"):
+        IndexConfig(projection="eigen", whitening="kron")

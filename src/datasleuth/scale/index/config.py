@@ -15,7 +15,7 @@ __all__ = ["INDEX_FORMAT_VERSION", "IndexConfig", "KSpec", "STORAGE_DTYPES", "WH
 
 INDEX_FORMAT_VERSION = 1
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-_PROJECTION_KINDS = ("gaussian", "identity")
+_PROJECTION_KINDS = ("gaussian", "identity", "eigen")
 WHITENINGS = ("ekfac", "kron", "none")
 
 KSpec = int | None | Mapping[str, int | None]
@@ -38,6 +38,9 @@ class IndexConfig:
             Values above the layer's size are clamped to it.
         k_out: projected size of the output side (``None`` = P), same rules as ``k_in``.
         projection: ``"gaussian"`` (entries N(0, 1/k), Choe et al. 2024) or
+            ``"eigen"`` (with ``whitening="ekfac"`` only: keep the k_out·k_in EK-FAC
+            eigen-coordinates of largest Λ/(Λ + λ), the expected energy of each whitened
+            coordinate; deterministic, biased, low variance), or
             ``"identity"`` (no projection: requires full sizes; exact unprojected
             influence, for small models and tests).
         seed: seed of the Gaussian projections (combined with each layer's name).
@@ -81,6 +84,9 @@ class IndexConfig:
         if self.whitening not in WHITENINGS:
             raise DatasleuthError(f"whitening must be one of {', '.join(WHITENINGS)}, "
                                   f"not {self.whitening!r}")
+        if self.projection == "eigen" and self.whitening != "ekfac":
+            raise DatasleuthError("projection='eigen' selects EK-FAC eigen-coordinates; use it "
+                                  "with whitening='ekfac'")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise DatasleuthError(f"seed must be an integer, got {self.seed!r}")
         if self.dtype not in STORAGE_DTYPES:

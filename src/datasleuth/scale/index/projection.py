@@ -18,6 +18,10 @@ arXiv 2602.10449):
   u_i v_j is the closest product (least squares on logarithms) to (Λ_ij + λ)^(−1/2). W_A
   and W_S are folded into the projections (P_in W_A, P_out W_S), so the build costs what
   an unwhitened one does: inputs and output gradients projected token by token.
+* ``projection="eigen"`` with ``"ekfac"``: instead of a random sketch, keep the D_ℓ
+  eigen-coordinates of C̃ with the largest Λ/(Λ + λ), which is E_seq[C̃²] (EK-FAC fits Λ
+  as the second moment of C): the truncation that keeps most of the whitened training
+  gradients' expected energy. Biased (drops the rest) but without sketch variance.
 * ``"none"``: plain projections (LoGra); queries are preconditioned by a curvature
   refitted in the projected space (:mod:`.curvature`).
 """
@@ -28,6 +32,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,6 +72,7 @@ class LayerProjection:
     q_out: Tensor | None = None
     q_in: Tensor | None = None
     scale: Tensor | None = None
+    select: Tensor | None = None  # kept flat eigen-coordinates (projection="eigen")
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _on(self, name: str, like: Tensor) -> Tensor:
@@ -97,12 +103,21 @@ class LayerProjection:
         return self._sketch(c)
 
     def _sketch(self, c: Tensor) -> Tensor:
-        """P_out C P_inᵀ, flattened: (..., P, M+1) -> (..., k_out·k_in)."""
+        """P_out C P_inᵀ (or the selected coordinates of C), flattened: (..., P, M+1) ->
+        (..., k_out·k_in)."""
+        if self.select is not None:
+            return c.reshape(*c.shape[:-2], -1)[..., self._on_index(c)]
         if self.p_out is not None:
             c = self._on("p_out", c) @ c
         if self.p_in is not None:
             c = c @ self._on("p_in", c).t()
         return c.reshape(*c.shape[:-2], -1)
+
+    def _on_index(self, like: Tensor) -> Tensor:
+        key = ("select", like.device)
+        if key not in self._cache:
+            self._cache[key] = self.select.to(like.device)
+        return self._cache[key]
 
     def project_dense(self, grad: Tensor) -> Tensor:
         """The row of explicit layer gradients V (..., P, M+1); references and tests."""
@@ -114,7 +129,7 @@ class LayerProjection:
     def tensors(self) -> dict[str, Tensor]:
         """What :func:`~.store` writes for this layer (absent matrices are identities)."""
         named = {"out": self.p_out, "in": self.p_in, "q_out": self.q_out, "q_in": self.q_in,
-                 "scale": self.scale}
+                 "scale": self.scale, "select": self.select}
         return {f"{self.name}/{k}": v for k, v in named.items() if v is not None}
 
 
@@ -151,9 +166,15 @@ def _whitened(layer: TrackedLayer, curv: LayerCurvature, whitening: str,
         return LayerProjection(layer.name, k[0], k[1], p_out, p_in)
     _require_basis(curv)  # bases and root kept in the curvature's dtype (float32 usually)
     dtype = curv.eigenvalues.dtype
-    scale = (curv.eigenvalues.double().clamp_min(0) + curv.damping).rsqrt().to(dtype)
+    sigma = curv.eigenvalues.double().clamp_min(0)
+    scale = (sigma + curv.damping).rsqrt().to(dtype)
+    select = None
+    if sketch == ("eigen", "eigen"):  # the coordinates of most expected whitened energy
+        energy = (sigma / (sigma + curv.damping)).reshape(-1)
+        select = torch.sort(torch.topk(energy, k[0] * k[1]).indices).values
+        p_out = p_in = None
     return LayerProjection(layer.name, k[0], k[1], p_out, p_in, curv.q_out.dense(),
-                           curv.q_in.dense(), scale)
+                           curv.q_in.dense(), scale, select)
 
 
 def make_projections(layers: Sequence[TrackedLayer], config: IndexConfig,
@@ -174,8 +195,10 @@ def make_projections(layers: Sequence[TrackedLayer], config: IndexConfig,
         k_out, k_in = config.dims(layer)
         p, m = layer.grad_shape
         if config.projection == "identity":
-            sketch: tuple[Tensor | None, Tensor | None] = (None, None)
+            sketch: tuple[Any, Any] = (None, None)
             k_out, k_in = p, m
+        elif config.projection == "eigen":
+            sketch = ("eigen", "eigen")
         else:
             sketch = (_gaussian(k_out, p, _layer_seed(config.seed, layer.name, "out")),
                       _gaussian(k_in, m, _layer_seed(config.seed, layer.name, "in")))

@@ -306,7 +306,8 @@ def _load_projections(directory: Path, manifest: dict) -> list[LayerProjection]:
     out = []
     for layer in manifest["layers"]:
         name = layer["name"]
-        t = {k: tensors.get(f"{name}/{k}") for k in ("out", "in", "q_out", "q_in", "scale")}
+        t = {k: tensors.get(f"{name}/{k}")
+             for k in ("out", "in", "q_out", "q_in", "scale", "select")}
         out.append(LayerProjection(name, layer["k_out"], layer["k_in"], t["out"], t["in"],
-                                   t["q_out"], t["q_in"], t["scale"]))
+                                   t["q_out"], t["q_in"], t["scale"], t["select"]))
     return out
