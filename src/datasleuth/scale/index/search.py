@@ -43,10 +43,11 @@ def exact_search(index: GradientIndex, q: Tensor, k: int) -> tuple[Tensor, Tenso
     best_i = torch.empty(q.shape[0], 0, dtype=torch.long)
     for start, rows in index.iter_blocks(q.dtype):
         s = q @ rows.t()  # (Q, n)
-        top = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
-        ids = torch.cat([best_i, torch.arange(start, start + rows.shape[0]).expand(len(q), -1)],
-                        1)
-        best_s, best_i = top.values, ids.gather(1, top.indices)
+        block = torch.topk(s, min(k, s.shape[1]), dim=1)  # the block's best, then merge
+        top = torch.topk(torch.cat([best_s, block.values], 1),
+                         min(k, best_s.shape[1] + block.values.shape[1]), dim=1)
+        best_s = top.values
+        best_i = torch.cat([best_i, block.indices + start], 1).gather(1, top.indices)
     return best_i, best_s
 
 
