@@ -45,6 +45,14 @@ Example::
     q = precondition_queries(model, task, index.curvature, query_batches,
                              features=index.features)             # {layer: (Q, D_ℓ)}
     rows, scores = index.search(q, k=100)                          # (Q, 100) each
+
+    # whitened (the CLI's default): no projected curvature; sizes from a byte budget
+    curv = fit_curvature(model, task, fit_loader, ["*.mlp.*"])     # EK-FAC
+    config, sizes = auto_config(IndexConfig(whitening="ekfac", projection="eigen"),
+                                find_layers(model, ["*.mlp.*"]), curv, 16384)
+    index = build_index(model, task, dataset, ["*.mlp.*"], "idx-w", config, curvature=curv)
+    q = precondition_queries(model, task, index.curvature, query_batches,
+                             features=index.features)             # identity preconditioner
 """
 
 from __future__ import annotations
