@@ -206,3 +206,19 @@ def test_eigen_selection_keeps_the_highest_energy_ekfac_coordinates(fitted, tmp_
     torch.testing.assert_close(rows @ rows.t(), want, rtol=1e-9, atol=1e-12)
     with pytest.raises(DatasleuthError, match="whitening='ekfac'"):
         IndexConfig(projection="eigen", whitening="kron")
+
+
+def test_auto_sizes_for_eigen_selection_follow_the_global_energy(fitted):
+    """projection='eigen': the budget goes to the highest Λ/(Λ+λ) of all layers together."""
+    model, task, seqs, curv = fitted
+    layers = find_layers(model, MLP)
+    k_out, k_in, report = auto_dims(layers, curv, 2 * 100, dtype="float16",
+                                    projection="eigen")
+    energy = {ly.name: (lambda c: (c.eigenvalues / (c.eigenvalues + c.damping)).reshape(-1))(
+        curv.layers[ly.name]) for ly in layers}
+    cut = torch.cat(list(energy.values())).sort(descending=True).values[99]
+    for ly in layers:
+        count = int((energy[ly.name] >= cut).sum())
+        assert k_out[ly.name] * k_in[ly.name] <= count
+        assert count - k_out[ly.name] * k_in[ly.name] < max(k_in[ly.name], ly.grad_shape[0])
+    assert sum(r["dim"] for r in report.values()) <= 100

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from datasleuth.curvature import Curvature, LayerCurvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer
@@ -59,15 +61,30 @@ def _sides(total: int, p: int, m: int) -> tuple[int, int]:
     return k_out, k_in
 
 
+def _eigen_counts(layers: Sequence[TrackedLayer], curvature: Curvature, budget: int,
+                  want: dict[str, int]) -> dict[str, int]:
+    """Coordinates per layer when the ``budget`` highest Λ/(Λ+λ) over all layers are kept."""
+    energy = {}
+    for layer in layers:
+        c = curvature.layers[layer.name]
+        sigma = c.eigenvalues.double().clamp_min(0).reshape(-1)
+        energy[layer.name] = sigma / (sigma + c.damping)
+    every = torch.cat(list(energy.values()))
+    cut = float(torch.topk(every, min(budget, len(every))).values[-1])
+    return {n: max(1, min(int((e >= cut).sum()), want[n])) for n, e in energy.items()}
+
+
 def auto_dims(layers: Sequence[TrackedLayer], curvature: Curvature, bytes_per_sequence: int,
-              dtype: str = "float16", distortion: float = DEFAULT_DISTORTION
+              dtype: str = "float16", distortion: float = DEFAULT_DISTORTION,
+              projection: str = "gaussian"
               ) -> tuple[dict[str, int], dict[str, int], dict[str, dict[str, Any]]]:
     """(k_out per layer, k_in per layer, report) within ``bytes_per_sequence``.
 
     Each layer gets numbers in proportion to its effective dimension, capped at the
     theory's size (d_λ/ε²); leftover budget is not spent (it would buy no accuracy the
-    bound promises). The report is :func:`size_report` plus the chosen ``k_out``,
-    ``k_in`` and ``dim``.
+    bound promises). With ``projection="eigen"`` the budget goes to the eigen-coordinates
+    of highest Λ/(Λ+λ) over all layers together (same cap). The report is
+    :func:`size_report` plus the chosen ``k_out``, ``k_in`` and ``dim``.
     """
     if not (isinstance(bytes_per_sequence, int) and bytes_per_sequence >= 1):
         raise DatasleuthError(f"bytes_per_sequence must be a positive integer, got "
@@ -78,6 +95,8 @@ def auto_dims(layers: Sequence[TrackedLayer], curvature: Curvature, bytes_per_se
         raise DatasleuthError(f"{bytes_per_sequence} bytes per sequence hold fewer than one "
                               f"{dtype} number per layer; raise --bytes-per-sequence")
     want = {n: r["theory_dim"] for n, r in report.items()}
+    if projection == "eigen":
+        return _eigen_dims(layers, _eigen_counts(layers, curvature, budget, want), report)
     weights = {n: max(r["effective_dimension"], 1.0) for n, r in report.items()}
     grant = dict.fromkeys(want, 0)
     left, open_ = budget, set(want)
@@ -100,10 +119,24 @@ def auto_dims(layers: Sequence[TrackedLayer], curvature: Curvature, bytes_per_se
     return k_out, k_in, report
 
 
+def _eigen_dims(layers: Sequence[TrackedLayer], counts: dict[str, int],
+                report: dict[str, dict[str, Any]]
+                ) -> tuple[dict[str, int], dict[str, int], dict[str, dict[str, Any]]]:
+    """(k_out, k_in) with k_out·k_in ≤ count (only the product matters for a selection)."""
+    k_out, k_in = {}, {}
+    for layer in layers:
+        c, p = counts[layer.name], layer.grad_shape[0]
+        k_out[layer.name] = min(p, c)
+        k_in[layer.name] = max(1, c // k_out[layer.name])
+        report[layer.name].update(k_out=k_out[layer.name], k_in=k_in[layer.name],
+                                  dim=k_out[layer.name] * k_in[layer.name])
+    return k_out, k_in, report
+
+
 def auto_config(config: IndexConfig, layers: Sequence[TrackedLayer], curvature: Curvature,
                 bytes_per_sequence: int, distortion: float = DEFAULT_DISTORTION
                 ) -> tuple[IndexConfig, dict[str, dict[str, Any]]]:
     """``config`` with per-layer k_out, k_in from :func:`auto_dims`, and the report."""
     k_out, k_in, report = auto_dims(layers, curvature, bytes_per_sequence, config.dtype,
-                                    distortion)
+                                    distortion, config.projection)
     return replace(config, k_out=k_out, k_in=k_in), report
