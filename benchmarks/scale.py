@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 os.environ.setdefault("DATASLEUTH_PROGRESS", "0")
 
@@ -66,7 +66,7 @@ from datasleuth.scale import (  # noqa: E402
     scan_low_rank,
 )
 from datasleuth.scale.batching import memory_numbers  # noqa: E402
-from datasleuth.scale.index import GradientIndex, size_report  # noqa: E402
+from datasleuth.scale.index import GradientIndex, auto_config, size_report  # noqa: E402
 from datasleuth.scale.index.search import choose_method  # noqa: E402
 from datasleuth.scoring import scan_scores  # noqa: E402
 
@@ -86,6 +86,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--proj-dims", default="16,32,64,128", help="index widths k (k x k per layer)")
     p.add_argument("--whitenings", default="none,kron,ekfac,ekfac-eigen",
                    help="'-eigen': EK-FAC eigen-coordinate selection instead of a random sketch")
+    p.add_argument("--auto-bytes", default="8192,16384",
+                   help="also --proj-dim auto within these bytes per sequence")
     p.add_argument("--queries", type=int, default=32, help="held-out queries for agreement")
     p.add_argument("--search-rows", default="10000,100000,1000000")
     p.add_argument("--search-dim", type=int, default=1024, help="row width of synthetic rows")
@@ -311,13 +313,18 @@ def _full_reference(st: Setup, q_batches: list[Batch]) -> torch.Tensor:
     return torch.cat(got).t()
 
 
-def _build_one(st: Setup, whitening: str, k: int, root: str) -> GradientIndex:
-    """Build an index (and, for LoGra, its projected curvature) into a fresh folder."""
+def _build_one(st: Setup, whitening: str, k: int | str, root: str) -> GradientIndex:
+    """Build an index (and, for LoGra, its projected curvature) into a fresh folder;
+    ``k = "auto<bytes>"`` sizes it with :func:`auto_config` within that budget."""
     task = CausalLMTask()
     whitening, _, projection = whitening.partition("-")  # e.g. "ekfac-eigen"
-    cfg = IndexConfig(k_in=k, k_out=k, dtype="float16", whitening=whitening,
+    cfg = IndexConfig(k_in=16, k_out=16, dtype="float16", whitening=whitening,
                       projection=projection or "gaussian",
                       shard_size=max(256, st.args.n_seq // 4))
+    if isinstance(k, str):
+        cfg, _ = auto_config(cfg, st.layers, st.curv, int(k[4:]))
+    else:
+        cfg = replace(cfg, k_in=k, k_out=k)
     out = tempfile.mkdtemp(dir=root)
     gi = build_index(st.model, task, st.items, st.layers, out, cfg,
                      batch_size=st.args.batch_size, collate_fn=_collate, progress=False,
@@ -336,10 +343,13 @@ def index_section(st: Setup) -> None:
     _phase("full EK-FAC reference scores")
     ref = _full_reference(st, q_batches)
     root = tempfile.mkdtemp()
-    variants = [(w, int(k)) for k in args.proj_dims.split(",") for w in args.whitenings.split(",")]
-    times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    variants: list[tuple[str, int | str]] = [
+        (w, int(k)) for k in args.proj_dims.split(",") for w in args.whitenings.split(",")]
+    variants += [(w, f"auto{b}") for b in args.auto_bytes.split(",") if b
+                 for w in ("ekfac", "ekfac-eigen")]
+    times: dict[tuple[str, int | str], list[float]] = {v: [] for v in variants}
     floors: list[float] = []
-    built: dict[tuple[str, int], GradientIndex] = {}
+    built: dict[tuple[str, int | str], GradientIndex] = {}
     st.floor()  # warm-up
     for r in range(args.rounds):  # interleaved: floor, then every variant
         floors.append(_timed(st.floor, st.device))
