@@ -126,8 +126,8 @@ def _eigen_dims(layers: Sequence[TrackedLayer], counts: dict[str, int],
     k_out, k_in = {}, {}
     for layer in layers:
         c, p = counts[layer.name], layer.grad_shape[0]
-        k_out[layer.name] = min(p, c)
-        k_in[layer.name] = max(1, c // k_out[layer.name])
+        k_in[layer.name] = max(1, math.ceil(c / p))  # k_out·k_in > c − k_in
+        k_out[layer.name] = max(1, min(p, c // k_in[layer.name]))
         report[layer.name].update(k_out=k_out[layer.name], k_in=k_in[layer.name],
                                   dim=k_out[layer.name] * k_in[layer.name])
     return k_out, k_in, report
