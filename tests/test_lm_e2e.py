@@ -22,6 +22,7 @@ from datasleuth.lm.queries import load_queries
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.report import render_report
+from datasleuth.scale.index import GradientIndex
 
 QUERY = {"id": "q", "prompt": "Q: What colour is the zebra moon?\nA:",
          "completion": " The zebra moon is bright purple with green stripes."}
@@ -250,12 +251,18 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
               "--seq-len", "32", "--workdir", str(tmp_path / "w"), "--no-progress"]
     index = tmp_path / "idx"
     assert main(["index", *common, "--out", str(index), "--proj-dim", "8",
-                 "--shard-size", "40"]) == 0
+                 "--shard-size", "40", "--whitening", "none"]) == 0
     err = capsys.readouterr().err
     assert "bytes per sequence" in err
     assert main(["index", *common, "--out", str(index), "--proj-dim", "8",
-                 "--shard-size", "40"]) == 0
+                 "--shard-size", "40", "--whitening", "none"]) == 0
     assert "reusing the projected curvature" in capsys.readouterr().err
+    white = tmp_path / "idx-white"  # the default: EK-FAC whitened, sizes from the curvature
+    assert main(["index", *common, "--out", str(white), "--proj-dim", "auto",
+                 "--bytes-per-sequence", "2048"]) == 0
+    err = capsys.readouterr().err
+    assert "whitening ekfac" in err and "effective dimension" in err
+    assert GradientIndex.open(white).bytes_per_row <= 2048
     queries = _three_queries(tmp_path)
     trace = ["trace", *common, "--queries", str(queries), "--top-k", "3", "--bottom-k", "2",
              "--no-report"]
@@ -282,6 +289,10 @@ def test_index_command_then_trace_with_index(world, tmp_path, capsys):
         capsys.readouterr().out
     docs = {d["doc_index"] for d in few["queries"][0]["top"][0]["documents"]}
     assert world["planted_doc"] in docs
+    assert main([*trace, "--out", str(tmp_path / "white"), "--index", str(white),
+                 "--rescore", "5"]) == 0
+    whitened = json.loads((tmp_path / "white" / "results.json").read_text())
+    assert whitened["queries"][0]["top"][0]["index"] == few["queries"][0]["top"][0]["index"]
     # Approximate (FAISS HNSW) search finds it too.
     assert main([*trace, "--out", str(tmp_path / "ann"), "--index", str(index),
                  "--rescore", "5", "--approximate"]) == 0

@@ -163,9 +163,19 @@ def trace(**options: Any) -> None:
 @corpus_options
 @click.option("--out", "out_dir", default="datasleuth-index", show_default=True,
               type=click.Path(file_okay=False), help="Folder of the index (resumable).")
-@click.option("--proj-dim", default=16, show_default=True, type=click.IntRange(1),
-              help="Projected size of each side of every layer (k_in = k_out); a sequence "
-                   "costs layers x proj-dim^2 numbers.")
+@click.option("--proj-dim", default="16", show_default=True,
+              help="Projected size of each side of every layer (k_in = k_out; a sequence "
+                   "costs layers x proj-dim^2 numbers), or 'auto': sizes from each layer's "
+                   "effective dimension within --bytes-per-sequence.")
+@click.option("--bytes-per-sequence", default=16384, show_default=True,
+              type=click.IntRange(1), help="Disk budget per sequence for --proj-dim auto.")
+@click.option("--whitening", default="ekfac-eigen", show_default=True,
+              type=click.Choice(["ekfac-eigen", "ekfac", "kron", "none"]),
+              help="Whiten gradients by a root of the fitted curvature before compressing: "
+                   "ekfac-eigen keeps the EK-FAC eigen-coordinates of most whitened energy "
+                   "(best agreement per byte measured); ekfac and kron (cheaper build) are "
+                   "random Kronecker sketches after the exact or a Kronecker-factored root; "
+                   "none is LoGra (curvature refitted in the projected space).")
 @click.option("--index-dtype", default="float16", show_default=True,
               type=click.Choice(["float16", "float32"]), help="Storage type of the rows.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random projections.")
@@ -180,16 +190,25 @@ def trace(**options: Any) -> None:
 @progress_option
 def index(**options: Any) -> None:
     """Build a projected-gradient index of the corpus for fast `trace --index` queries."""
+    from datasleuth.errors import DatasleuthError
     from datasleuth.lm import workflow
     from datasleuth.scale.index import IndexConfig
 
     started = time.perf_counter()
-    config = IndexConfig(k_in=options["proj_dim"], k_out=options["proj_dim"],
-                         seed=options["seed"], dtype=options["index_dtype"],
-                         shard_size=options["shard_size"])
+    auto = options["proj_dim"].strip().lower() == "auto"
+    if not auto and not (options["proj_dim"].isdigit() and int(options["proj_dim"]) >= 1):
+        raise DatasleuthError(f"--proj-dim must be a positive integer or 'auto', not "
+                              f"{options['proj_dim']!r}")
+    k = None if auto else int(options["proj_dim"])
+    whitening, _, projection = options["whitening"].partition("-")
+    config = IndexConfig(k_in=k or 16, k_out=k or 16, seed=options["seed"],
+                         dtype=options["index_dtype"], shard_size=options["shard_size"],
+                         whitening=whitening, projection=projection or "gaussian")
     settings = workflow.IndexOptions(options["out_dir"], config=config,
                                      batch_size=options["batch_size"], fisher=options["fisher"],
-                                     max_sequences=options["max_sequences"])
+                                     max_sequences=options["max_sequences"],
+                                     bytes_per_sequence=options["bytes_per_sequence"] if auto
+                                     else None)
     built = workflow.index_corpus(load_options_from(options), settings,
                                   progress=options["progress"])
     finish(settings.out, "index", built.rows, started)

@@ -256,13 +256,19 @@ def build_corpus_index(
     fisher: str = "sampled",
     max_sequences: int | None = None,
     progress: bool = True,
+    curvature: Curvature | None = None,
+    bytes_per_sequence: int | None = None,
 ) -> GradientIndex:
     """Index every packed sequence's projected gradient and fit the projected curvature.
 
-    METHOD.md §7 (Choe et al. 2024). A killed build resumes at its first unfinished
-    shard; a finished index of the same model, layers, projection and corpus is reused.
+    METHOD.md §7 (Choe et al. 2024), §11: a whitened ``config`` uses the fitted
+    ``curvature`` and needs no projected curvature; ``bytes_per_sequence`` picks the
+    projection sizes from the curvature's effective dimensions. A killed build resumes
+    at its first unfinished shard; a finished index of the same model, layers,
+    projection and corpus is reused.
     """
     from datasleuth.scale.index import IndexConfig, build_index, fit_projected_curvature
+    from datasleuth.scale.index.sizing import auto_config
 
     if active() and not is_sharded(model):
         raise DatasleuthError("`datasleuth index` runs in one process, or in many with "
@@ -283,19 +289,29 @@ def build_corpus_index(
             write_json(side, {"corpus_fingerprint": corpus.fingerprint,
                               "sequences": len(corpus)})
     task = CausalLMTask()
+    config = config or IndexConfig()
+    if bytes_per_sequence is not None and curvature is not None:
+        config, _ = auto_config(config, layers, curvature, bytes_per_sequence)
     index = build_index(model, task, corpus.as_torch_dataset(), layers, directory,
-                        config or IndexConfig(), batch_size=batch_size,
-                        collate_fn=corpus.collate, progress=progress)
+                        config, batch_size=batch_size, collate_fn=corpus.collate,
+                        progress=progress, curvature=curvature)
     n_fit = len(corpus) if max_sequences is None else min(max_sequences, len(corpus))
     meta = index.curvature.metadata if index.has_curvature else {}
-    if meta.get("fisher") == fisher and meta.get("sequences") == n_fit:
+    if config.whitened:
+        pass  # rows carry the metric: queries need no projected curvature
+    elif meta.get("fisher") == fisher and meta.get("sequences") == n_fit:
         say(f"reusing the projected curvature of {directory}")
     else:
         fit_projected_curvature(model, task, _corpus_loader(corpus, batch_size, max_sequences),
                                 index, fisher=fisher, progress=progress)
     barrier()  # rank 0 has written the index
     say(f"index {directory}: {index.rows} sequences x {index.dim} numbers "
-        f"({index.bytes_per_row} bytes per sequence, {len(index.layer_names)} layers)")
+        f"({index.bytes_per_row} bytes per sequence, {len(index.layer_names)} layers, "
+        f"whitening {config.whitening})")
+    for name, r in (index.manifest.get("sizes") or {}).items():
+        say(f"  {name}: effective dimension {r['effective_dimension']:.0f} of {r['size']}; "
+            f"theory asks {r['theory_dim']} at distortion {r['distortion']}; "
+            f"kept {r['k_out']}x{r['k_in']}")
     return index
 
 

@@ -274,15 +274,18 @@ class IndexOptions:
     """A projected-gradient index: its folder, projection (:class:`IndexConfig`), fit."""
 
     out: str | os.PathLike[str] = "datasleuth-index"
-    config: IndexConfig = field(default_factory=IndexConfig)  # 16 x 16 per layer, float16
+    config: IndexConfig = field(default_factory=lambda: IndexConfig(  # 16 x 16 per layer,
+        whitening="ekfac", projection="eigen"))  # float16; best agreement per byte (§11)
     batch_size: int = 8
     fisher: str = "sampled"
     max_sequences: int | None = None  # fit the projected curvature on at most this many
+    bytes_per_sequence: int | None = None  # set: sizes from effective dimensions (§11)
 
     def __post_init__(self) -> None:
         _set(self, "out", os.fspath(self.out))
         _positive(self.batch_size, "batch_size")
         _positive(self.max_sequences, "max_sequences")
+        _positive(self.bytes_per_sequence, "bytes_per_sequence")
         if self.fisher not in FISHERS:
             raise DatasleuthError(f"fisher must be one of {', '.join(FISHERS)}, got "
                                   f"{self.fisher!r}")
@@ -471,10 +474,15 @@ def index_corpus(load: LoadOptions, options: IndexOptions | None = None, *,
     options = options or IndexOptions()
     check_writable(options.out)
     inputs = load_inputs(load, progress=progress)
+    curvature = None  # EK-FAC (the trace's, reused from WORKDIR) whitens or sizes the index
+    if options.config.whitened or options.bytes_per_sequence is not None:
+        curvature = _fit(inputs, load.workdir, FitOptions(FitConfig(fisher=options.fisher),
+                         options.batch_size, options.max_sequences), progress)
     return build_corpus_index(inputs.model, inputs.layers, inputs.corpus, options.out,
                               options.config, batch_size=options.batch_size,
                               fisher=options.fisher, max_sequences=options.max_sequences,
-                              progress=progress)
+                              progress=progress, curvature=curvature,
+                              bytes_per_sequence=options.bytes_per_sequence)
 
 
 def tail_patch_results(load: LoadOptions, options: TailPatchOptions, *, progress: bool = True

@@ -24,6 +24,12 @@ means adding z_m raises f_q; scores are not divided by N. With ``projection="ide
 and k equal to the layer sizes this is exactly the influence of docs/method.md §1 under
 a dense per-layer curvature.
 
+Whitened indices (``IndexConfig(whitening="ekfac")`` or ``"kron"``, METHOD.md §11) multiply
+each layer gradient by a square root of the fitted damped curvature before projecting,
+so a stored row's inner product with a query's row estimates the influence itself and
+queries need no projected curvature (:mod:`.projection`); :mod:`.sizing` reports each
+layer's effective dimension and picks projection sizes within a byte budget.
+
 Modules: :mod:`.config` (what an index stores), :mod:`.projection` (the seeded
 projections and the projected scorer), :mod:`.curvature` (the projected Gauss-Newton,
 a :class:`~datasleuth.preconditioner.Preconditioner` over projected rows),
@@ -39,14 +45,32 @@ Example::
     q = precondition_queries(model, task, index.curvature, query_batches,
                              features=index.features)             # {layer: (Q, D_ℓ)}
     rows, scores = index.search(q, k=100)                          # (Q, 100) each
+
+    # whitened (the CLI's default): no projected curvature; sizes from a byte budget
+    curv = fit_curvature(model, task, fit_loader, ["*.mlp.*"])     # EK-FAC
+    config, sizes = auto_config(IndexConfig(whitening="ekfac", projection="eigen"),
+                                find_layers(model, ["*.mlp.*"]), curv, 16384)
+    index = build_index(model, task, dataset, ["*.mlp.*"], "idx-w", config, curvature=curv)
+    q = precondition_queries(model, task, index.curvature, query_batches,
+                             features=index.features)             # identity preconditioner
 """
 
 from __future__ import annotations
 
 from datasleuth.scale.index.build import build_index
-from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, IndexConfig
-from datasleuth.scale.index.curvature import ProjectedCurvature, fit_projected_curvature
-from datasleuth.scale.index.projection import LayerProjection, ProjectedScorer
+from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, WHITENINGS, IndexConfig
+from datasleuth.scale.index.curvature import (
+    ProjectedCurvature,
+    Whitened,
+    fit_projected_curvature,
+)
+from datasleuth.scale.index.projection import LayerProjection, ProjectedScorer, kron_root
+from datasleuth.scale.index.sizing import (
+    auto_config,
+    auto_dims,
+    effective_dimension,
+    size_report,
+)
 from datasleuth.scale.index.store import GradientIndex
 
 __all__ = [
@@ -56,6 +80,13 @@ __all__ = [
     "LayerProjection",
     "ProjectedCurvature",
     "ProjectedScorer",
+    "WHITENINGS",
+    "Whitened",
+    "auto_config",
+    "auto_dims",
     "build_index",
+    "effective_dimension",
     "fit_projected_curvature",
+    "kron_root",
+    "size_report",
 ]

@@ -11,11 +11,12 @@ import torch
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer
 
-__all__ = ["INDEX_FORMAT_VERSION", "IndexConfig", "KSpec", "STORAGE_DTYPES"]
+__all__ = ["INDEX_FORMAT_VERSION", "IndexConfig", "KSpec", "STORAGE_DTYPES", "WHITENINGS"]
 
 INDEX_FORMAT_VERSION = 1
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-_PROJECTION_KINDS = ("gaussian", "identity")
+_PROJECTION_KINDS = ("gaussian", "identity", "eigen")
+WHITENINGS = ("ekfac", "kron", "none")
 
 KSpec = int | None | Mapping[str, int | None]
 
@@ -37,6 +38,9 @@ class IndexConfig:
             Values above the layer's size are clamped to it.
         k_out: projected size of the output side (``None`` = P), same rules as ``k_in``.
         projection: ``"gaussian"`` (entries N(0, 1/k), Choe et al. 2024) or
+            ``"eigen"`` (with ``whitening="ekfac"`` only: keep the k_out·k_in EK-FAC
+            eigen-coordinates of largest Λ/(Λ + λ), the expected energy of each whitened
+            coordinate; deterministic, biased, low variance), or
             ``"identity"`` (no projection: requires full sizes; exact unprojected
             influence, for small models and tests).
         seed: seed of the Gaussian projections (combined with each layer's name).
@@ -44,6 +48,12 @@ class IndexConfig:
             ``"float64"`` (tests, references). Gradients are always computed in float32
             (float64 for float64 models) and cast at the end.
         shard_size: sequences per shard file (the unit of resuming and of exact search).
+        whitening: ``"none"`` (LoGra: plain projections, queries preconditioned by a
+            curvature refitted in the projected space), ``"kron"`` (Kronecker-factored
+            square root of the fitted damped curvature, applied per token) or ``"ekfac"``
+            (exact EK-FAC root (Λ + λ)^(−1/2) in the eigenbasis); whitened rows score
+            each other directly (METHOD.md §11; :mod:`.projection`). Whitening needs the
+            fitted curvature at build time.
     """
 
     k_in: KSpec = 16
@@ -52,6 +62,7 @@ class IndexConfig:
     seed: int = 0
     dtype: str = "float16"
     shard_size: int = 4096
+    whitening: str = "none"
 
     def __post_init__(self) -> None:
         for what in ("k_in", "k_out"):
@@ -70,6 +81,12 @@ class IndexConfig:
         if self.projection == "identity" and any(isinstance(v, int) for v in sizes):
             raise DatasleuthError("the identity projection keeps every dimension; set "
                                   "k_in=None and k_out=None with projection='identity'")
+        if self.whitening not in WHITENINGS:
+            raise DatasleuthError(f"whitening must be one of {', '.join(WHITENINGS)}, "
+                                  f"not {self.whitening!r}")
+        if self.projection == "eigen" and self.whitening != "ekfac":
+            raise DatasleuthError("projection='eigen' selects EK-FAC eigen-coordinates; use it "
+                                  "with whitening='ekfac'")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise DatasleuthError(f"seed must be an integer, got {self.seed!r}")
         if self.dtype not in STORAGE_DTYPES:
@@ -94,3 +111,8 @@ class IndexConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> IndexConfig:
         return cls(**d)
+
+    @property
+    def whitened(self) -> bool:
+        """Whether rows are whitened, i.e. score each other without a query curvature."""
+        return self.whitening != "none"

@@ -6,7 +6,9 @@ Directory layout (all writes atomic; ``manifest.json`` is rewritten after every 
   layer names, gradient shapes and projected sizes, the build parts and the completed
   shards, rows.
 * ``projections.safetensors`` -- ``{layer}/in`` (k_in, M+1) and ``{layer}/out`` (k_out, P),
-  float64 (absent for the identity projection).
+  float64 (absent for the identity projection); with whitening the root is folded in
+  (``"kron"``) or stored beside them as ``{layer}/q_in``, ``/q_out``, ``/scale``
+  (``"ekfac"``; :mod:`.projection`).
 * ``shard_00000.safetensors`` ... -- ``rows`` (n, D) in the storage dtype; the header holds
   the global row range ``[start, stop)`` it covers.
 * ``curvature.safetensors`` -- the projected Gauss-Newton (:mod:`.curvature`).
@@ -19,18 +21,18 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, layers_by_name, resolve_layers
 from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, IndexConfig
-from datasleuth.scale.index.curvature import CURVATURE_FILE, ProjectedCurvature
+from datasleuth.scale.index.curvature import CURVATURE_FILE, ProjectedCurvature, Whitened
 from datasleuth.scale.index.projection import LayerProjection
 from datasleuth.scale.index.search import approximate_search, exact_search
 from datasleuth.scoring import Features
-from datasleuth.storage import load_tensors, model_fingerprint, read_json
+from datasleuth.storage import load_tensors, memmap_safetensors, model_fingerprint, read_json
 
 __all__ = ["MANIFEST", "PROJECTIONS", "GradientIndex", "shard_name"]
 
@@ -53,22 +55,25 @@ class GradientIndex:
         self.manifest = manifest
         self.config = IndexConfig.from_dict(manifest["config"])
         self.projections = projections
-        self._curvature: ProjectedCurvature | None = None
-        if (directory / CURVATURE_FILE).is_file():
+        self._curvature: ProjectedCurvature | Whitened | None = None
+        if self.config.whitened:
+            self._curvature = Whitened(self.layer_names)
+        elif (directory / CURVATURE_FILE).is_file():
             curvature = ProjectedCurvature.load(directory / CURVATURE_FILE)
             if curvature.metadata.get("fingerprint") == self.fingerprint:
                 self._curvature = curvature
 
     @property
-    def curvature(self) -> ProjectedCurvature:
-        """The projected curvature, the preconditioner of this index's queries."""
+    def curvature(self) -> ProjectedCurvature | Whitened:
+        """The preconditioner of this index's projected queries: the projected curvature,
+        or for a whitened index the identity (its rows already carry the metric)."""
         if self._curvature is None:
             raise DatasleuthError(f"{self.directory} has no projected curvature; run "
                                   "fit_projected_curvature(model, task, loader, index) first")
         return self._curvature
 
     @curvature.setter
-    def curvature(self, value: ProjectedCurvature) -> None:
+    def curvature(self, value: ProjectedCurvature | Whitened) -> None:
         self._curvature = value
 
     @property
@@ -178,15 +183,46 @@ class GradientIndex:
             )
 
     # -- rows
+    def _mapped(self, shard: dict) -> np.ndarray:
+        """The rows of one shard, memory-mapped (n, D) in the storage dtype."""
+        rows = memmap_safetensors(self.directory / shard["file"], "rebuild the index")["rows"]
+        if rows.shape != (shard["stop"] - shard["start"], self.dim):
+            raise DatasleuthError(f"{shard['file']} has shape {tuple(rows.shape)}, not the "
+                                  "one in the manifest; rebuild the index")
+        return rows
+
+    def iter_blocks(self, dtype: torch.dtype | None = None, block_rows: int = 65536,
+                    shards: Sequence[dict] | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(start, rows (n ≤ block_rows, D))`` read from memory-mapped shards."""
+        for shard in self.manifest["shards"] if shards is None else shards:
+            mapped = self._mapped(shard)
+            for lo in range(0, len(mapped), block_rows):
+                block = torch.from_numpy(np.array(mapped[lo : lo + block_rows]))
+                yield shard["start"] + lo, block if dtype is None else block.to(dtype)
+
     def iter_shards(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(start, rows (n, D))`` shard by shard, cast to ``dtype`` if given."""
         for shard in self.manifest["shards"]:
-            with safe_open(str(self.directory / shard["file"]), framework="pt") as f:
-                rows = f.get_tensor("rows")
-            if rows.shape != (shard["stop"] - shard["start"], self.dim):
-                raise DatasleuthError(f"{shard['file']} has shape {tuple(rows.shape)}, not the "
-                                      "one in the manifest; rebuild the index")
-            yield shard["start"], rows if dtype is None else rows.to(dtype)
+            yield from self.iter_blocks(dtype, block_rows=max(1, shard["stop"] - shard["start"]),
+                                        shards=[shard])
+
+    def gather_rows(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Rows ``ids`` (n,) read from the memory-mapped shards: (n, D)."""
+        starts = np.array([s["start"] for s in self.manifest["shards"]])
+        flat = ids.numpy()
+        which = np.searchsorted(starts, flat, side="right") - 1
+        out = np.zeros((len(flat), self.dim), dtype=np.dtype(self.config.dtype))
+        for j in np.unique(which):
+            shard = self.manifest["shards"][j]
+            pick = which == j
+            out[pick] = self._mapped(shard)[flat[pick] - shard["start"]]
+        got = torch.from_numpy(out)
+        return got.to(dtype or STORAGE_DTYPES[self.config.dtype])
+
+    def sample_rows(self, n: int) -> Tensor:
+        """``n`` rows spread evenly over the index, float32 (for training FAISS)."""
+        ids = torch.linspace(0, self.rows - 1, max(1, min(n, self.rows))).round().long()
+        return self.gather_rows(torch.unique(ids), torch.float32)
 
     def load_rows(self, dtype: torch.dtype | None = None) -> Tensor:
         """All rows in memory, (N, D). For small indices and tests."""
@@ -225,15 +261,17 @@ class GradientIndex:
         k: int = 100,
         exact: bool = True,
         *,
-        method: str = "hnsw",
+        method: str = "auto",
         nprobe: int | None = None,
         ef_search: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Top-``k`` rows by score per query: (indices (Q, k) int64, scores (Q, k)).
 
-        ``exact=True``: blocked products shard by shard, memory one shard.
-        ``exact=False``: FAISS (``method="hnsw"``, a graph, or ``"ivf"``, an inverted file),
-        built on first use and saved in the index directory; candidates re-scored exactly.
+        ``exact=True``: blocked products over memory-mapped shards, memory one block.
+        ``exact=False``: FAISS (``method="auto"`` picks by size: ``"hnsw"``, a graph;
+        ``"ivf"``, an inverted file; ``"ivfpq"``, one of quantised codes), built on first
+        use shard by shard, saved in the index directory and extended as shards are
+        appended; candidates re-scored exactly from the rows.
         """
         q = self.flatten(queries)
         if not (isinstance(k, int) and k >= 1):
@@ -263,11 +301,13 @@ def _read_manifest(directory: Path) -> dict:
 
 
 def _load_projections(directory: Path, manifest: dict) -> list[LayerProjection]:
-    tensors = {} if manifest["config"]["projection"] == "identity" else \
-        load_tensors(directory / PROJECTIONS)[0]
+    tensors = load_tensors(directory / PROJECTIONS)[0] if (directory / PROJECTIONS).is_file() \
+        else {}
     out = []
     for layer in manifest["layers"]:
         name = layer["name"]
-        out.append(LayerProjection(name, layer["k_out"], layer["k_in"],
-                                   tensors.get(f"{name}/out"), tensors.get(f"{name}/in")))
+        t = {k: tensors.get(f"{name}/{k}")
+             for k in ("out", "in", "q_out", "q_in", "scale", "select")}
+        out.append(LayerProjection(name, layer["k_out"], layer["k_in"], t["out"], t["in"],
+                                   t["q_out"], t["q_in"], t["scale"], t["select"]))
     return out
