@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
+from datasleuth.curvature import (
+    CURVATURES,
+    Basis,
+    Curvature,
+    LayerCurvature,
+    eigh_batched,
+    rotated_gradients,
+)
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, resolve_layers
@@ -31,6 +38,7 @@ from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
 from datasleuth.task import Task
+from datasleuth.utils import compute_dtype
 
 __all__ = ["FitConfig", "fit_curvature"]
 
@@ -168,7 +176,8 @@ def _fit_passes(
                generator=gen, start=done, max_batches=config.max_batches,
                desc="fit factors", progress=progress)
         _reduce(stats, model, factors=True)
-        bases = {name: _eigenbases(s) for name, s in stats.items()}
+        precision = "float64" if compute_dtype(model) == torch.float64 else "auto"
+        bases = _eigenbases(stats, precision)
         phase, done = "eigenvalues", 0
         if config.curvature == "ekfac":
             saver.save("eigenvalues", 0, stats, bases, None, force=True)
@@ -331,23 +340,26 @@ def _covariance_callbacks(stats: dict[str, _Stats]):
     return on_layer, on_batch
 
 
-def _eigh(blocks: list[Tensor], count: int) -> tuple[Basis, Tensor]:
-    """Eigendecompose each (symmetrised, float64) block of a token-averaged factor."""
-    vals, vecs = [], []
-    for c in blocks:
-        c = c / max(count, 1)
-        lam, q = torch.linalg.eigh(0.5 * (c + c.t()))
-        vals.append(lam.clamp_min(0.0))
-        vecs.append(q)
-    return Basis(vecs), torch.cat(vals)
+def _eigenbases(stats: dict[str, _Stats], precision: str) -> dict[str, tuple]:
+    """(Q_S, Q_A, Λ_S, Λ_A) of every layer; frees the accumulated factors.
 
-
-def _eigenbases(s: _Stats) -> tuple[Basis, Basis, Tensor, Tensor]:
-    """(Q_S, Q_A, Λ_S, Λ_A) of one layer; frees the accumulated factors."""
-    q_in, lam_a = _eigh(s.a_cov, s.tokens)
-    q_out, lam_s = _eigh(s.s_cov, s.tokens)
-    s.a_cov, s.s_cov = [], []
-    return q_out, q_in, lam_s, lam_a
+    Every block of every layer's token-averaged A and S goes to one batched
+    eigendecomposition per size, on the device the sums are on, at ``precision``
+    (float32 checked against :data:`datasleuth.curvature.EIGH_TOLERANCE` for float32 and
+    bf16 models, float64 for float64 models).
+    """
+    names = list(stats)
+    mats = [c / max(stats[n].tokens, 1) for n in names for c in stats[n].a_cov + stats[n].s_cov]
+    pairs = iter(eigh_batched(mats, precision))
+    bases = {}
+    for name in names:
+        s = stats[name]
+        ins = [next(pairs) for _ in s.a_cov]
+        outs = [next(pairs) for _ in s.s_cov]
+        s.a_cov, s.s_cov = [], []
+        bases[name] = (Basis([q for _, q in outs]), Basis([q for _, q in ins]),
+                       torch.cat([lam for lam, _ in outs]), torch.cat([lam for lam, _ in ins]))
+    return bases
 
 
 def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
@@ -356,10 +368,7 @@ def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)
         q_out, q_in, _, _ = bases[layer.name]
-        if q_in is not None:
-            a = q_in.to_basis(a, -1)  # ā' = Q_Aᵀ ā per token, (B, T, M+1)
-            g = q_out.to_basis(g, -1)  # Ds' = Q_Sᵀ Ds per token, (B, T, P)
-        dw = torch.einsum("btp,btm->bpm", g, a)  # (B, P, M+1) rotated per-sequence gradient
+        dw = rotated_gradients(a, g, q_out, q_in)  # (B, P, M+1), per token or per sequence
         s.lam += dw.square().sum(0).double()
 
     return on_layer
