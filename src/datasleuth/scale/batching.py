@@ -51,14 +51,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
+from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import per_example_gradients
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
+from datasleuth.scale.rescore import rescore, subset_loader, top_candidates
 from datasleuth.scale.svd import truncated_svd
-from datasleuth.scoring import FullRankScorer, Scores, collect_scores, precondition_queries, scan
+from datasleuth.scoring import (
+    Scores,
+    collect_scores,
+    precondition_queries,
+    query_coordinates,
+    scan,
+)
 from datasleuth.storage import load_tensors, save_tensors
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
@@ -337,11 +344,15 @@ def compress_queries(
 
     Same queries as :func:`datasleuth.scoring.precondition_queries`, then
     :meth:`LowRankQueries.from_preconditioned`; the metadata records the curvature kind
-    and, when it has one, its model fingerprint.
+    and, when it has one, its model fingerprint. A block-diagonal :class:`Curvature`
+    compresses in its eigenbasis (:func:`_compress_in_basis`).
     """
     parts = []
     for batch in progress_bar(queries, desc="compress queries", enabled=progress,
                               unit="query"):
+        if isinstance(curvature, Curvature):
+            parts.append(_compress_in_basis(model, task, curvature, batch, rank))
+            continue
         pre = precondition_queries(model, task, curvature, [batch], progress=False)
         parts.append(LowRankQueries.from_preconditioned(pre, rank))
     if not parts:
@@ -352,6 +363,27 @@ def compress_queries(
         "fingerprint": getattr(curvature, "metadata", {}).get("fingerprint"),
     }
     return out
+
+
+def _compress_in_basis(model: nn.Module, task: Task, curvature: Curvature, batch: Any,
+                       rank: int) -> LowRankQueries:
+    """Truncated SVD of C = Q_Sᵀ Ṽ Q_A, then L = Q_S L_C, R = R_C Q_Aᵀ (METHOD.md §4).
+
+    Orthogonal rotations keep singular values, so this is Ṽ's own best rank-k
+    approximation, at a cost of k (P² + (M+1)²) per query to rotate the factors back
+    instead of P (M+1) (P + M + 1) to rotate Ṽ back and forth densely.
+    """
+    coords, curv = query_coordinates(model, task, curvature, [batch])
+    low = LowRankQueries.from_preconditioned(coords, rank)
+    for name, c in curv.layers.items():
+        if name in low.full:
+            low.full[name] = c.unrotate(low.full[name])
+            continue
+        if c.q_out is not None:
+            low.left[name] = c.q_out.from_basis(low.left[name], -2).contiguous()
+        if c.q_in is not None:
+            low.right[name] = c.q_in.from_basis(low.right[name], -1).contiguous()
+    return low
 
 
 _PATHS = ("auto", "tokens", "reconstruct")
@@ -460,49 +492,3 @@ def low_rank_scores(
     """All scores of :func:`scan_low_rank`: total (Q, N), per layer (Q, N, L)."""
     return collect_scores(model, task, train, _scorers(model, queries, path), progress,
                           "scoring (low rank)")
-
-
-def top_candidates(scores: Tensor, n: int) -> Tensor:
-    """Sorted union over queries of each query's ``n`` highest-scoring indices: (≤ Q n,).
-
-    ``scores`` is (Q, N) or (N,). These are the candidates to :func:`rescore`.
-    """
-    s = scores if scores.dim() == 2 else scores[None]
-    if n < 1:
-        raise DatasleuthError(f"n must be >= 1, got {n}; ask for at least one candidate")
-    n = min(n, s.shape[1])
-    order = torch.argsort(-s, dim=1, stable=True)[:, :n]  # (Q, n), ties to the lower index
-    return torch.unique(order)
-
-
-def subset_loader(
-    dataset: Dataset | Sequence[Any],
-    indices: Sequence[int] | Tensor,
-    collate: Callable[[list[Any]], Any] | None = None,
-    batch_size: int = 8,
-) -> DataLoader:
-    """A loader over ``dataset[i]`` for ``i`` in ``indices``, in that order (no shuffling)."""
-    idx = [int(i) for i in indices]
-    if not idx:
-        raise DatasleuthError("no indices to load; pass at least one candidate index")
-    return DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False,  # type: ignore[arg-type]
-                      collate_fn=collate)
-
-
-def rescore(
-    model: nn.Module,
-    task: Task,
-    preconditioned_full: Mapping[str, Tensor],
-    train_subset_loader: Iterable[Any],
-    progress: bool = False,
-) -> Scores:
-    """Full-rank scores of the selected candidates: total (Q, n), per layer (Q, n, L).
-
-    The last step of query batching (METHOD.md §4): the candidates found with low-rank
-    queries (:func:`top_candidates`) are scored again with the full-rank Ṽ
-    ({name: (Q, P, M+1)}, e.g. from :func:`datasleuth.scoring.precondition_queries`,
-    for a chunk of queries at a time if memory is short). Columns follow the order of
-    ``train_subset_loader`` (e.g. :func:`subset_loader`).
-    """
-    scorers = {name: FullRankScorer(v) for name, v in preconditioned_full.items()}
-    return collect_scores(model, task, train_subset_loader, scorers, progress, "re-scoring")
