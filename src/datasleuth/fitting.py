@@ -34,6 +34,7 @@ from datasleuth.curvature import (
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, resolve_layers
+from datasleuth.memory import blocks_for_budget
 from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
@@ -57,6 +58,8 @@ class FitConfig:
         blocks: split A and S into this many diagonal blocks (1 = no split).
         seed: seed of the label sampler.
         max_batches: stop each pass after this many batches (``None`` = all).
+        max_factor_memory: bytes a layer's factor sums may take; a layer over it gets
+            more blocks than ``blocks`` (:func:`datasleuth.memory.blocks_for_budget`).
     """
 
     curvature: str = "ekfac"
@@ -66,6 +69,7 @@ class FitConfig:
     blocks: int = 1
     seed: int = 0
     max_batches: int | None = None
+    max_factor_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -83,6 +87,9 @@ class FitConfig:
             raise DatasleuthError(f"blocks must be a positive integer, got {self.blocks!r}")
         if self.max_batches is not None and self.max_batches < 1:
             raise DatasleuthError("max_batches must be >= 1 or None")
+        if self.max_factor_memory is not None and self.max_factor_memory <= 0:
+            raise DatasleuthError(f"max_factor_memory must be > 0 bytes or None, got "
+                                  f"{self.max_factor_memory}; e.g. 4 * 2**30 for 4 GiB")
 
 
 def _block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
@@ -114,6 +121,14 @@ class _Stats:
         return self
 
 
+def _layer_blocks(layer: TrackedLayer, config: FitConfig) -> int:
+    """``config.blocks``, or more where the layer's factors would exceed the budget."""
+    if config.curvature not in ("kfac", "ekfac"):
+        return config.blocks
+    return blocks_for_budget(layer.grad_shape, config.max_factor_memory, config.blocks,
+                             layer.name)
+
+
 def fit_curvature(
     model: nn.Module,
     task: Task,
@@ -141,7 +156,7 @@ def fit_curvature(
                       [layer.name for layer in tracked], rank, size], sort_keys=True)
     saver = _Checkpoint(checkpoint, key, checkpoint_seconds)
     with evaluation(model):
-        stats = {layer.name: _Stats(layer, config.blocks) for layer in tracked}
+        stats = {layer.name: _Stats(layer, _layer_blocks(layer, config)) for layer in tracked}
         bases = _fit_passes(model, task, loader, tracked, stats, config, saver, progress)
     saver.clear()
     layers_out = {layer.name: _layer_curvature(layer, stats[layer.name], bases[layer.name],
@@ -176,8 +191,7 @@ def _fit_passes(
                generator=gen, start=done, max_batches=config.max_batches,
                desc="fit factors", progress=progress)
         _reduce(stats, model, factors=True)
-        precision = "float64" if compute_dtype(model) == torch.float64 else "auto"
-        bases = _eigenbases(stats, precision)
+        bases = _eigenbases(stats, _eigh_precision(model))
         phase, done = "eigenvalues", 0
         if config.curvature == "ekfac":
             saver.save("eigenvalues", 0, stats, bases, None, force=True)
@@ -340,13 +354,24 @@ def _covariance_callbacks(stats: dict[str, _Stats]):
     return on_layer, on_batch
 
 
+def _eigh_precision(model: nn.Module) -> str:
+    """float32 checked (``"auto"``) on GPUs for float32/bf16/fp16 models, else float64.
+
+    On a CPU float64 costs about 3× float32 (3072-wide factors: 20 s against 6 s on 2
+    threads), and float32's rounding moves EK-FAC's eigenvalues within near-degenerate
+    clusters enough to change token scores at 1e-3 between one and two processes.
+    """
+    p = next(model.parameters())
+    return "auto" if p.device.type != "cpu" and compute_dtype(model) != torch.float64 else "float64"
+
+
 def _eigenbases(stats: dict[str, _Stats], precision: str) -> dict[str, tuple]:
     """(Q_S, Q_A, Λ_S, Λ_A) of every layer; frees the accumulated factors.
 
     Every block of every layer's token-averaged A and S goes to one batched
     eigendecomposition per size, on the device the sums are on, at ``precision``
-    (float32 checked against :data:`datasleuth.curvature.EIGH_TOLERANCE` for float32 and
-    bf16 models, float64 for float64 models).
+    (:func:`_eigh_precision`; float32 is checked against
+    :data:`datasleuth.curvature.EIGH_TOLERANCE`).
     """
     names = list(stats)
     mats = [c / max(stats[n].tokens, 1) for n in names for c in stats[n].a_cov + stats[n].s_cov]

@@ -279,6 +279,10 @@ fit_options = _stack(
                  help="Split each Kronecker factor into this many diagonal blocks."),
     click.option("--max-sequences", type=click.IntRange(1), default=None,
                  help="Fit on at most this many sequences (default: all)."),
+    click.option("--max-factor-memory", type=click.FloatRange(min=0, min_open=True),
+                 default=None, metavar="GIB",
+                 help="GiB one layer's factors may take; a layer over it is split into "
+                      "diagonal blocks (block-diagonal within the layer) [default: no limit]."),
 )
 
 
@@ -303,7 +307,9 @@ def fit_options_from(values: Mapping[str, Any]) -> FitOptions:
     from datasleuth.fitting import FitConfig
     from datasleuth.lm.workflow import FitOptions
 
+    budget = values.get("max_factor_memory")
     config = FitConfig(curvature=values["curvature"], damping=values["damping"],
-                       fisher=values["fisher"], blocks=values["blocks"])
+                       fisher=values["fisher"], blocks=values["blocks"],
+                       max_factor_memory=int(budget * 2**30) if budget else None)
     return FitOptions(config, batch_size=values["batch_size"],
                       max_sequences=values["max_sequences"])
