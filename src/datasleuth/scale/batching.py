@@ -35,11 +35,13 @@ full-rank ones would, so one pass over the corpus serves them all. In time, the 
 path (the formulation of Grosse et al.) never forms DW̄ but costs T Q k (P + M); the
 reconstruct path forms the batch's DW̄, as the plain scan does, and rebuilds chunks of
 Ṽ = L R transiently. Both give the same scores up to rounding. :func:`scan_low_rank`
-uses the token path by default; ``path="reconstruct"`` suits large batches on
-hardware with high memory bandwidth, and ``path="auto"`` picks by multiply-add count
-alone (on a 2-core CPU it was no faster than the token path, benchmarks/scale.py;
-rebuilding Ṽ moves Q P (M+1) numbers per batch, which the count leaves out). Re-score the
-final top-N candidates with full-rank query gradients (:func:`rescore`).
+picks per layer and batch by cost (``path="auto"``, the default): multiply-adds plus
+the Q P (M+1) numbers the rebuild writes and reads, each weighted as
+:data:`REBUILD_TRAFFIC` multiply-adds (measured: at GPT-2-small width, 8 × 64 tokens
+and 256 rank-32 queries, the rebuild took 8× the token path on a 2-core CPU although
+its count of multiply-adds is only 1.6×). Large batches of long sequences favour the
+rebuild, many queries of short sequences the tokens. Re-score the final top-N
+candidates with full-rank query gradients (:func:`rescore`).
 """
 
 from __future__ import annotations
@@ -387,14 +389,16 @@ def _compress_in_basis(model: nn.Module, task: Task, curvature: Curvature, batch
 
 
 _PATHS = ("auto", "tokens", "reconstruct")
+REBUILD_TRAFFIC = {"cpu": 128, "other": 32}
+"""Multiply-adds one rebuilt number of Ṽ = L R costs in memory traffic, by device type
+(a 2-core CPU: ~180 measured; a GPU moves about 4 bytes per 30 multiply-adds)."""
 
 
 class LowRankScorer:
     """Scores one layer's captured (ā, Ds) against every query.
 
     Two exact evaluations of ⟨L R, DW̄⟩ for a low-rank layer, fixed by ``path`` or
-    chosen per batch by multiply-add count (``path="auto"``, which ignores memory
-    traffic):
+    chosen per batch by cost (``path="auto"``; module docstring):
 
     * ``"tokens"`` (Grosse et al. 2023, §3.2.2): Σ_t (Ds_tᵀ L)(R ā_t); DW̄ is never
       formed; B T Q k (P + M + 1) per batch.
@@ -405,7 +409,7 @@ class LowRankScorer:
     """
 
     def __init__(self, queries: LowRankQueries, name: str, dtype: torch.dtype,
-                 device: torch.device, path: str = "tokens"):
+                 device: torch.device, path: str = "auto"):
         self.q = queries.n_queries
         self.path = path
         if name in queries.full:
@@ -432,7 +436,8 @@ class LowRankScorer:
         path = self.path
         if path == "auto":
             tokens = b * t * self.q * self.k * (p + m1)
-            rebuild = self.q * self.k * p * m1 + b * (t + self.q) * p * m1
+            traffic = REBUILD_TRAFFIC["cpu" if a.device.type == "cpu" else "other"]
+            rebuild = self.q * (self.k + traffic) * p * m1 + b * (t + self.q) * p * m1
             path = "tokens" if tokens <= rebuild else "reconstruct"
         if path == "reconstruct":
             dw = per_example_gradients(a, g).reshape(b, -1)  # (B, P(M+1))
@@ -467,15 +472,15 @@ def scan_low_rank(
     train: Iterable[Any],
     on_scores: Callable[[int, Tensor], None],
     progress: bool = True,
-    path: str = "tokens",
+    path: str = "auto",
 ) -> None:
     """Stream ``train`` once and call ``on_scores(first_index, scores (B, Q, L))`` per batch.
 
     :func:`datasleuth.scoring.scan` with a :class:`LowRankScorer` per layer: each
     low-rank layer is scored against the compressed queries Ṽ ≈ L R (docs/method.md §4;
-    Grosse et al. 2023, §3.2.2), by default Σ_t (Ds_tᵀ L)(R ā_t), never forming DW̄
-    (``path``); layers kept at full rank take the per-example gradient path. The layer
-    axis follows ``queries.layer_names``.
+    Grosse et al. 2023, §3.2.2), as Σ_t (Ds_tᵀ L)(R ā_t) or against the rebuilt L R,
+    whichever costs less (``path``); layers kept at full rank take the per-example
+    gradient path. The layer axis follows ``queries.layer_names``.
     """
     scan(model, task, train, _scorers(model, queries, path), on_scores, progress,
          "scoring (low rank)")
@@ -487,7 +492,7 @@ def low_rank_scores(
     queries: LowRankQueries,
     train: Iterable[Any],
     progress: bool = True,
-    path: str = "tokens",
+    path: str = "auto",
 ) -> Scores:
     """All scores of :func:`scan_low_rank`: total (Q, N), per layer (Q, N, L)."""
     return collect_scores(model, task, train, _scorers(model, queries, path), progress,
