@@ -62,6 +62,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-kronfluence", action="store_true")
+    p.add_argument("--kronfluence-queries", type=int, default=None,
+                   help="queries of Kronfluence's scans (default: as datasleuth's)")
     return p.parse_args()
 
 
@@ -304,7 +306,8 @@ def _kronfluence_rows(model, layers, batches, q_batches, args, device, base) -> 
         return ["| Kronfluence | not installed | | |"]
     import copy
 
-    n_full = args.full_queries if args.full_queries is not None else args.queries
+    n_low = args.kronfluence_queries or args.queries
+    n_full = min(n_low, args.full_queries if args.full_queries is not None else args.queries)
     train = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["labels"]))]
     queries = [{k: v[i] for k, v in b.items()} for b in q_batches
                for i in range(len(b["labels"]))]
@@ -315,8 +318,8 @@ def _kronfluence_rows(model, layers, batches, q_batches, args, device, base) -> 
                  ("scan, 1 query", lambda: kf.scores(queries[:1], train, args.batch_size, None)),
                  (f"scan, {n_full} full-rank queries",
                   lambda: kf.scores(queries[:n_full], train, args.batch_size, None)),
-                 (f"scan, {args.queries} rank-{args.rank} queries",
-                  lambda: kf.scores(queries, train, args.batch_size, args.rank))]
+                 (f"scan, {n_low} rank-{args.rank} queries",
+                  lambda: kf.scores(queries[:n_low], train, args.batch_size, args.rank))]
         for label, fn in steps:
             s, m, _ = _run(fn, device)
             out.append(f"| Kronfluence: {label} | {s:.2f} | {s / base:.2f} | {m / 2**30:.2f} |")
