@@ -94,3 +94,12 @@ def test_float32_results_failing_the_check_are_redone_in_float64(monkeypatch):
     torch.testing.assert_close(q, q64, rtol=0, atol=0)
     with pytest.raises(DatasleuthError, match="precision"):
         eigh_batched([c], "half")
+
+
+def test_batched_eigendecompositions_in_chunks_equal_one_at_a_time(monkeypatch):
+    factors = [_ill_conditioned(n, 1e4, s)[0] for s, n in enumerate((12, 7, 12, 12))]
+    monkeypatch.setattr(curvature_module, "_EIGH_BATCH_BYTES", 2 * 8 * 12 * 12)  # 2 a call
+    for (lam, q), c in zip(eigh_batched(factors, "float64"), factors):
+        ref_lam, ref_q = torch.linalg.eigh(c)
+        torch.testing.assert_close(lam, ref_lam.clamp_min(0), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close((q * lam) @ q.t(), c, rtol=1e-9, atol=1e-12)

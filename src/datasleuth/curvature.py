@@ -207,6 +207,7 @@ def rotated_gradients(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | N
     return q_in.to_basis(dw, -1) if q_in is not None else dw
 
 
+_EIGH_BATCH_BYTES = 1 << 30  # float64 bytes of the factors stacked into one batched call
 EIGH_TOLERANCE = 1e-5
 """Largest accepted error of a float32 eigendecomposition (:func:`eigh_batched`); a
 factor beyond it is decomposed again in float64."""
@@ -226,7 +227,10 @@ def eigh_batched(factors: Sequence[Tensor], precision: str = "auto") -> list[tup
     by_size: dict[int, list[int]] = {}
     for i, c in enumerate(factors):
         by_size.setdefault(c.shape[0], []).append(i)
-    for idx in by_size.values():
+    chunks = [idx[j:j + max(1, _EIGH_BATCH_BYTES // (8 * n * n))]
+              for n, idx in by_size.items()
+              for j in range(0, len(idx), max(1, _EIGH_BATCH_BYTES // (8 * n * n)))]
+    for idx in chunks:  # one batched call per chunk of equal sizes, bounded memory
         c = torch.stack([factors[i] for i in idx]).double()
         c = 0.5 * (c + c.transpose(-1, -2))
         dtype = torch.float64 if precision == "float64" else torch.float32

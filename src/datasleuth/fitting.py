@@ -374,7 +374,8 @@ def _eigenbases(stats: dict[str, _Stats], precision: str) -> dict[str, tuple]:
     :data:`datasleuth.curvature.EIGH_TOLERANCE`).
     """
     names = list(stats)
-    mats = [c / max(stats[n].tokens, 1) for n in names for c in stats[n].a_cov + stats[n].s_cov]
+    mats = [c.div_(max(stats[n].tokens, 1)) for n in names
+            for c in stats[n].a_cov + stats[n].s_cov]  # in place: the sums are freed below
     pairs = iter(eigh_batched(mats, precision))
     bases = {}
     for name in names:
