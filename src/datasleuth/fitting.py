@@ -1,10 +1,11 @@
 """Fit per-layer curvature by streaming over a data loader (METHOD.md §3).
 
 Pass 1 (K-FAC, EK-FAC): accumulate the token-averaged factors A = E[ā āᵀ] and
-S = E[Ds Dsᵀ] (optionally only their O diagonal blocks), then eigendecompose them in
-float64. Pass 2 (EK-FAC) or the only pass (diagonal): accumulate per-sequence summed
-pseudo-gradients DW̄_seq = Σ_t Ds_t ā_tᵀ, rotated into the eigenbasis and squared
-(George et al. 2018; Grosse et al. 2023, Eq. 20). Pseudo-gradients come from labels
+S = E[Ds Dsᵀ] (optionally only their O diagonal blocks), then eigendecompose them,
+batched on the model's device (float64 on CPUs, checked float32 on GPUs). Pass 2
+(EK-FAC) or the only pass (diagonal): accumulate per-sequence summed pseudo-gradients
+DW̄_seq = Σ_t Ds_t ā_tᵀ rotated into the eigenbasis, per token or per sequence
+whichever costs less, and squared (George et al. 2018; Grosse et al. 2023, Eq. 20). Pseudo-gradients come from labels
 sampled from the model (true Fisher = Gauss-Newton for matching losses), or from the
 true labels when ``fisher="empirical"``.
 """
