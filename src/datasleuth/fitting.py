@@ -5,9 +5,9 @@ S = E[Ds Dsᵀ] (optionally only their O diagonal blocks), then eigendecompose t
 batched on the model's device (float64 on CPUs, checked float32 on GPUs). Pass 2
 (EK-FAC) or the only pass (diagonal): accumulate per-sequence summed pseudo-gradients
 DW̄_seq = Σ_t Ds_t ā_tᵀ rotated into the eigenbasis, per token or per sequence
-whichever costs less, and squared (George et al. 2018; Grosse et al. 2023, Eq. 20). Pseudo-gradients come from labels
-sampled from the model (true Fisher = Gauss-Newton for matching losses), or from the
-true labels when ``fisher="empirical"``.
+whichever costs less, and squared (George et al. 2018; Grosse et al. 2023, Eq. 20).
+Pseudo-gradients come from labels sampled from the model (true Fisher = Gauss-Newton
+for matching losses), or from the true labels when ``fisher="empirical"``.
 """
 
 from __future__ import annotations

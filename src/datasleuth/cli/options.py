@@ -279,7 +279,7 @@ fit_options = _stack(
                  help="Split each Kronecker factor into this many diagonal blocks."),
     click.option("--max-sequences", type=click.IntRange(1), default=None,
                  help="Fit on at most this many sequences (default: all)."),
-    click.option("--max-factor-memory", type=click.FloatRange(min=0, min_open=True),
+    click.option("--max-factor-memory", type=click.FloatRange(min=0.001),
                  default=None, metavar="GIB",
                  help="GiB one layer's factors may take; a layer over it is split into "
                       "diagonal blocks (block-diagonal within the layer) [default: no limit]."),
