@@ -68,3 +68,14 @@ def test_estimate_counts_factors_queries_and_one_batch():
     assert "factors" in est.lines()[0] and "queries" in est.lines()[0]
     assert estimate_memory(shapes, curvature="identity").factors == 0
     assert estimate_memory(shapes, curvature="diagonal").factors == 8 * (32 * 9 + 8 * 33)
+
+
+def test_print_estimate_states_the_memory_before_a_run(capsys):
+    from datasleuth.memory import print_estimate
+
+    layers = find_layers(tiny_gpt2(), ["transformer.h.0.mlp.*"])
+    cfg = FitConfig(max_factor_memory=factor_bytes((32, 9), 1) - 1)
+    est = print_estimate(layers, cfg, batch_size=2, queries=3, rank=2)
+    err = capsys.readouterr().err
+    assert err.startswith("memory estimate: factors ") and "queries" in err
+    assert "split into blocks" in err and est.blocks == {x.name: 2 for x in layers}
