@@ -123,6 +123,9 @@ def test_cli_options_build_the_workflow_option_types():
     assert load.corpus == ("a.jsonl", "b") and load.workdir == "datasleuth-work"
     fit_values = fit_command.make_context("fit", ["--model", "m", "--corpus", "c"]).params
     assert cli_options.fit_options_from(fit_values) == FitOptions()
+    budget = fit_command.make_context("fit", ["--model", "m", "--corpus", "c",
+                                              "--max-factor-memory", "1.5"]).params
+    assert cli_options.fit_options_from(budget).config.max_factor_memory == 3 * 2**29
 
 
 def test_option_types_refuse_bad_values_before_any_work():

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from datasleuth.errors import DatasleuthError
 
-__all__ = ["Basis", "LayerCurvature", "Curvature", "CURVATURES"]
+__all__ = ["Basis", "LayerCurvature", "Curvature", "CURVATURES", "EIGH_TOLERANCE",
+           "eigh_batched", "rotated_gradients"]
 
 CURVATURES = ("identity", "diagonal", "kfac", "ekfac")
 
@@ -71,6 +72,10 @@ class Basis:
     def to(self, device: torch.device | str) -> Basis:
         return Basis([b.to(device) for b in self.blocks])
 
+    def cost(self) -> int:
+        """Multiply-adds of rotating one vector, Σ_i n_i² over the blocks."""
+        return sum(b.shape[0] ** 2 for b in self.blocks)
+
 
 @dataclass
 class LayerCurvature:
@@ -107,6 +112,10 @@ class LayerCurvature:
         if self.q_in is not None:
             v = self.q_in.from_basis(v, -1)
         return v
+
+    def rotated_gradients(self, a: Tensor, g: Tensor) -> Tensor:
+        """Q_Sᵀ DW̄_b Q_A per sequence from ā (B,T,M+1), Ds (B,T,P) (:func:`rotated_gradients`)."""
+        return rotated_gradients(a, g, self.q_out, self.q_in)
 
     def inverse_eigenvalues(self, dtype: torch.dtype) -> Tensor:
         """1 / (Λ + λ), (P, M+1)."""
@@ -168,3 +177,81 @@ class Curvature:
         from datasleuth.storage import save_curvature
 
         save_curvature(self, path)
+
+
+def _cost(basis: Basis | None) -> int:
+    return basis.cost() if basis is not None else 0
+
+
+def rotated_gradients(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None,
+                      per_token: bool | None = None) -> Tensor:
+    """Q_Sᵀ DW̄_b Q_A for every sequence b, DW̄_b = Σ_t Ds_t ā_tᵀ: (B, P, M+1) (METHOD.md §3).
+
+    Two associations of the same product, chosen by multiply-add count unless
+    ``per_token`` fixes it: rotating every token, Σ_t (Q_Sᵀ Ds_t)(Q_Aᵀ ā_t)ᵀ, costs
+    T (Σ p_i² + Σ m_i²) per sequence; rotating the summed gradient, Q_Sᵀ DW̄ Q_A, costs
+    P Σ m_i² + (M+1) Σ p_i². Short sequences and wide layers favour the first.
+    """
+    t, p, m1 = a.shape[1], g.shape[-1], a.shape[-1]
+    if per_token is None:
+        per_token = t * (_cost(q_out) + _cost(q_in)) <= p * _cost(q_in) + m1 * _cost(q_out)
+    if per_token:
+        if q_in is not None:
+            a = q_in.to_basis(a, -1)  # Q_Aᵀ ā_t, (B, T, M+1)
+        if q_out is not None:
+            g = q_out.to_basis(g, -1)  # Q_Sᵀ Ds_t, (B, T, P)
+        return torch.einsum("btp,btm->bpm", g, a)
+    dw = torch.einsum("btp,btm->bpm", g, a)  # (B, P, M+1)
+    if q_out is not None:
+        dw = q_out.to_basis(dw, -2)
+    return q_in.to_basis(dw, -1) if q_in is not None else dw
+
+
+_EIGH_BATCH_BYTES = 1 << 30  # float64 bytes of the factors stacked into one batched call
+EIGH_TOLERANCE = 1e-5
+"""Largest accepted error of a float32 eigendecomposition (:func:`eigh_batched`); a
+factor beyond it is decomposed again in float64."""
+
+
+def eigh_batched(factors: Sequence[Tensor], precision: str = "auto") -> list[tuple[Tensor, Tensor]]:
+    """(Λ, Q) of each symmetric factor, float64 results, on the factors' own device.
+
+    Factors of equal size go to one batched ``torch.linalg.eigh``. ``precision``:
+    ``"float64"``; ``"float32"`` (faster, on GPUs much faster); ``"auto"`` = float32, then
+    a check of each result (:func:`_eigh_errors` ≤ :data:`EIGH_TOLERANCE`), redone in
+    float64 where it fails. Eigenvalues are clamped at 0 (the factors are PSD).
+    """
+    if precision not in ("auto", "float32", "float64"):
+        raise DatasleuthError(f"precision must be auto, float32 or float64, not {precision!r}")
+    out: list[tuple[Tensor, Tensor]] = [None] * len(factors)  # type: ignore[list-item]
+    by_size: dict[int, list[int]] = {}
+    for i, c in enumerate(factors):
+        by_size.setdefault(c.shape[0], []).append(i)
+    chunks = [idx[j:j + max(1, _EIGH_BATCH_BYTES // (8 * n * n))]
+              for n, idx in by_size.items()
+              for j in range(0, len(idx), max(1, _EIGH_BATCH_BYTES // (8 * n * n)))]
+    for idx in chunks:  # one batched call per chunk of equal sizes, bounded memory
+        c = torch.stack([factors[i] for i in idx]).double()
+        c = 0.5 * (c + c.transpose(-1, -2))
+        dtype = torch.float64 if precision == "float64" else torch.float32
+        lam, q = (x.double() for x in torch.linalg.eigh(c.to(dtype)))
+        if precision == "auto":
+            bad = _eigh_errors(c, lam, q) > EIGH_TOLERANCE
+            if bool(bad.any()):
+                lam[bad], q[bad] = torch.linalg.eigh(c[bad])
+        for j, i in enumerate(idx):
+            out[i] = (lam[j].clamp_min(0.0), q[j])
+    return out
+
+
+def _eigh_errors(c: Tensor, lam: Tensor, q: Tensor, probes: int = 8) -> Tensor:
+    """Per matrix: max of ‖C X − Q Λ Qᵀ X‖ / (‖C‖ ‖X‖) and ‖Qᵀ Q X − X‖ / ‖X‖ on seeded
+    random probes X (n × 8), in float64; O(n²) where a full check costs O(n³)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(c.shape[-1], probes, generator=g, dtype=torch.float64).to(c.device)
+    qx = q.transpose(-1, -2) @ x
+    norm = torch.linalg.matrix_norm(x)
+    resid = torch.linalg.matrix_norm(c @ x - q @ (lam[..., None] * qx))
+    scale = torch.linalg.matrix_norm(c).clamp_min(torch.finfo(torch.float64).tiny)
+    ortho = torch.linalg.matrix_norm(q @ qx - x)
+    return torch.maximum(resid / (scale * norm), ortho / norm)

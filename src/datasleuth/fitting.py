@@ -1,12 +1,13 @@
 """Fit per-layer curvature by streaming over a data loader (METHOD.md §3).
 
 Pass 1 (K-FAC, EK-FAC): accumulate the token-averaged factors A = E[ā āᵀ] and
-S = E[Ds Dsᵀ] (optionally only their O diagonal blocks), then eigendecompose them in
-float64. Pass 2 (EK-FAC) or the only pass (diagonal): accumulate per-sequence summed
-pseudo-gradients DW̄_seq = Σ_t Ds_t ā_tᵀ, rotated into the eigenbasis and squared
-(George et al. 2018; Grosse et al. 2023, Eq. 20). Pseudo-gradients come from labels
-sampled from the model (true Fisher = Gauss-Newton for matching losses), or from the
-true labels when ``fisher="empirical"``.
+S = E[Ds Dsᵀ] (optionally only their O diagonal blocks), then eigendecompose them,
+batched on the model's device (float64 on CPUs, checked float32 on GPUs). Pass 2
+(EK-FAC) or the only pass (diagonal): accumulate per-sequence summed pseudo-gradients
+DW̄_seq = Σ_t Ds_t ā_tᵀ rotated into the eigenbasis, per token or per sequence
+whichever costs less, and squared (George et al. 2018; Grosse et al. 2023, Eq. 20).
+Pseudo-gradients come from labels sampled from the model (true Fisher = Gauss-Newton
+for matching losses), or from the true labels when ``fisher="empirical"``.
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from datasleuth.curvature import CURVATURES, Basis, Curvature, LayerCurvature
+from datasleuth.curvature import (
+    CURVATURES,
+    Basis,
+    Curvature,
+    LayerCurvature,
+    eigh_batched,
+    rotated_gradients,
+)
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.finite import check_sums, check_weights
 from datasleuth.layers import TrackedLayer, resolve_layers
+from datasleuth.memory import blocks_for_budget
 from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.progress import stop_requested
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
 from datasleuth.task import Task
+from datasleuth.utils import compute_dtype
 
 __all__ = ["FitConfig", "fit_curvature"]
 
@@ -51,6 +61,8 @@ class FitConfig:
         blocks: split A and S into this many diagonal blocks (1 = no split).
         seed: seed of the label sampler.
         max_batches: stop each pass after this many batches (``None`` = all).
+        max_factor_memory: bytes a layer's factor sums may take; a layer over it gets
+            more blocks than ``blocks`` (:func:`datasleuth.memory.blocks_for_budget`).
     """
 
     curvature: str = "ekfac"
@@ -60,6 +72,7 @@ class FitConfig:
     blocks: int = 1
     seed: int = 0
     max_batches: int | None = None
+    max_factor_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -77,6 +90,9 @@ class FitConfig:
             raise DatasleuthError(f"blocks must be a positive integer, got {self.blocks!r}")
         if self.max_batches is not None and self.max_batches < 1:
             raise DatasleuthError("max_batches must be >= 1 or None")
+        if self.max_factor_memory is not None and self.max_factor_memory <= 0:
+            raise DatasleuthError(f"max_factor_memory must be > 0 bytes or None, got "
+                                  f"{self.max_factor_memory}; e.g. 4 * 2**30 for 4 GiB")
 
 
 def _block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
@@ -106,6 +122,14 @@ class _Stats:
             self.s_cov = [c.to(device) for c in self.s_cov]
             self.lam = self.lam.to(device)
         return self
+
+
+def _layer_blocks(layer: TrackedLayer, config: FitConfig) -> int:
+    """``config.blocks``, or more where the layer's factors would exceed the budget."""
+    if config.curvature not in ("kfac", "ekfac"):
+        return config.blocks
+    return blocks_for_budget(layer.grad_shape, config.max_factor_memory, config.blocks,
+                             layer.name)
 
 
 def fit_curvature(
@@ -139,7 +163,7 @@ def fit_curvature(
                       [layer.name for layer in tracked], rank, size], sort_keys=True)
     saver = _Checkpoint(checkpoint, key, checkpoint_seconds)
     with evaluation(model):
-        stats = {layer.name: _Stats(layer, config.blocks) for layer in tracked}
+        stats = {layer.name: _Stats(layer, _layer_blocks(layer, config)) for layer in tracked}
         bases = _fit_passes(model, task, loader, tracked, stats, config, saver, progress)
     if not keep_checkpoint:
         saver.clear()
@@ -175,7 +199,7 @@ def _fit_passes(
                generator=gen, start=done, max_batches=config.max_batches,
                desc="fit factors", progress=progress)
         _reduce(stats, model, factors=True)
-        bases = {name: _eigenbases(s) for name, s in stats.items()}
+        bases = _eigenbases(stats, _eigh_precision(model))
         phase, done = "eigenvalues", 0
         if config.curvature == "ekfac":
             saver.save("eigenvalues", 0, stats, bases, None, force=True)
@@ -348,23 +372,38 @@ def _covariance_callbacks(stats: dict[str, _Stats]):
     return on_layer, on_batch
 
 
-def _eigh(blocks: list[Tensor], count: int) -> tuple[Basis, Tensor]:
-    """Eigendecompose each (symmetrised, float64) block of a token-averaged factor."""
-    vals, vecs = [], []
-    for c in blocks:
-        c = c / max(count, 1)
-        lam, q = torch.linalg.eigh(0.5 * (c + c.t()))
-        vals.append(lam.clamp_min(0.0))
-        vecs.append(q)
-    return Basis(vecs), torch.cat(vals)
+def _eigh_precision(model: nn.Module) -> str:
+    """float32 checked (``"auto"``) on GPUs for float32/bf16/fp16 models, else float64.
+
+    On a CPU float64 costs about 3× float32 (3072-wide factors: 20 s against 6 s on 2
+    threads), and float32's rounding moves EK-FAC's eigenvalues within near-degenerate
+    clusters enough to change token scores at 1e-3 between one and two processes.
+    """
+    p = next(model.parameters())
+    return "auto" if p.device.type != "cpu" and compute_dtype(model) != torch.float64 else "float64"
 
 
-def _eigenbases(s: _Stats) -> tuple[Basis, Basis, Tensor, Tensor]:
-    """(Q_S, Q_A, Λ_S, Λ_A) of one layer; frees the accumulated factors."""
-    q_in, lam_a = _eigh(s.a_cov, s.tokens)
-    q_out, lam_s = _eigh(s.s_cov, s.tokens)
-    s.a_cov, s.s_cov = [], []
-    return q_out, q_in, lam_s, lam_a
+def _eigenbases(stats: dict[str, _Stats], precision: str) -> dict[str, tuple]:
+    """(Q_S, Q_A, Λ_S, Λ_A) of every layer; frees the accumulated factors.
+
+    Every block of every layer's token-averaged A and S goes to one batched
+    eigendecomposition per size, on the device the sums are on, at ``precision``
+    (:func:`_eigh_precision`; float32 is checked against
+    :data:`datasleuth.curvature.EIGH_TOLERANCE`).
+    """
+    names = list(stats)
+    mats = [c.div_(max(stats[n].tokens, 1)) for n in names
+            for c in stats[n].a_cov + stats[n].s_cov]  # in place: the sums are freed below
+    pairs = iter(eigh_batched(mats, precision))
+    bases = {}
+    for name in names:
+        s = stats[name]
+        ins = [next(pairs) for _ in s.a_cov]
+        outs = [next(pairs) for _ in s.s_cov]
+        s.a_cov, s.s_cov = [], []
+        bases[name] = (Basis([q for _, q in outs]), Basis([q for _, q in ins]),
+                       torch.cat([lam for lam, _ in outs]), torch.cat([lam for lam, _ in ins]))
+    return bases
 
 
 def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
@@ -373,10 +412,7 @@ def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)
         q_out, q_in, _, _ = bases[layer.name]
-        if q_in is not None:
-            a = q_in.to_basis(a, -1)  # ā' = Q_Aᵀ ā per token, (B, T, M+1)
-            g = q_out.to_basis(g, -1)  # Ds' = Q_Sᵀ Ds per token, (B, T, P)
-        dw = torch.einsum("btp,btm->bpm", g, a)  # (B, P, M+1) rotated per-sequence gradient
+        dw = rotated_gradients(a, g, q_out, q_in)  # (B, P, M+1), per token or per sequence
         s.lam += dw.square().sum(0).double()
 
     return on_layer

@@ -45,6 +45,7 @@ __all__ = [
     "collect_scores",
     "pairwise_scores",
     "precondition_queries",
+    "query_coordinates",
     "scan",
     "scan_scores",
     "self_influence",
@@ -134,13 +135,38 @@ def precondition_queries(
 ) -> dict[str, Tensor]:
     """Ṽ_q = (G + λI)⁻¹ ∇f_q per layer: {name: (Q, P, M+1)} (docs/method.md §1, §3).
 
-    With ``features`` (e.g. an index's projections), the query features are
-    preconditioned instead: {name: (Q, D_ℓ)}.
+    A block-diagonal :class:`Curvature` preconditions in its eigenbasis
+    (:func:`query_coordinates`), so each query's dense P×(M+1) matrix is formed once,
+    by the final rotation back. With ``features`` (e.g. an index's projections), the
+    query features are preconditioned instead: {name: (Q, D_ℓ)}.
     """
+    if isinstance(curvature, Curvature) and features is None:
+        coords, curv = query_coordinates(model, task, curvature, queries, progress)
+        return {name: curv.layers[name].unrotate(c) for name, c in coords.items()}
     layers = layers_by_name(model, curvature.layer_names)
     grads = collect_gradients(model, task, queries, layers, "measurement", progress, features)
     device = next(model.parameters()).device
     return curvature.to(device).precondition(grads)
+
+
+def query_coordinates(
+    model: nn.Module,
+    task: Task,
+    curvature: Curvature,
+    queries: Iterable[Any],
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], Curvature]:
+    """C_q = (Q_Sᵀ ∇f_q Q_A) ⊘ (Λ + λ), the preconditioned queries in the eigenbasis (§3).
+
+    Returns ({name: (Q, P, M+1)}, the curvature on the model's device); Ṽ_q = Q_S C_q Q_Aᵀ.
+    Each query gradient is rotated per token or as a whole, whichever costs less
+    (:func:`datasleuth.curvature.rotated_gradients`), and never formed unrotated.
+    """
+    curv = curvature.to(next(model.parameters()).device)
+    layers = layers_by_name(model, curv.layer_names)
+    rotate = {name: curv.layers[name].rotated_gradients for name in curv.layer_names}
+    rot = collect_gradients(model, task, queries, layers, "measurement", progress, rotate)
+    return {n: r * curv.layers[n].inverse_eigenvalues(r.dtype) for n, r in rot.items()}, curv
 
 
 def scan(

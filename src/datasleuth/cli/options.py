@@ -288,6 +288,10 @@ fit_options = _stack(
     click.option("--factors", type=click.Path(dir_okay=False), default=None,
                  help="Use this curvature file (e.g. written by the Trainer callback, "
                       "datasleuth.lm.CurvatureCallback) instead of fitting on the corpus."),
+    click.option("--max-factor-memory", type=click.FloatRange(min=0.001),
+                 default=None, metavar="GIB",
+                 help="GiB one layer's factors may take; a layer over it is split into "
+                      "diagonal blocks (block-diagonal within the layer) [default: no limit]."),
 )
 
 
@@ -312,7 +316,9 @@ def fit_options_from(values: Mapping[str, Any]) -> FitOptions:
     from datasleuth.fitting import FitConfig
     from datasleuth.lm.workflow import FitOptions
 
+    budget = values.get("max_factor_memory")
     config = FitConfig(curvature=values["curvature"], damping=values["damping"],
-                       fisher=values["fisher"], blocks=values["blocks"])
+                       fisher=values["fisher"], blocks=values["blocks"],
+                       max_factor_memory=int(budget * 2**30) if budget else None)
     return FitOptions(config, batch_size=values["batch_size"],
                       max_sequences=values["max_sequences"], factors=values.get("factors"))

@@ -55,6 +55,7 @@ from datasleuth.lm.pipeline import (
 from datasleuth.lm.queries import encode_queries, load_queries
 from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.trace import TraceConfig
+from datasleuth.memory import print_estimate
 from datasleuth.scale.index import GradientIndex, IndexConfig
 from datasleuth.storage import check_writable
 
@@ -365,12 +366,15 @@ def load_inputs(options: LoadOptions, *, progress: bool = True) -> Inputs:
     return Inputs(model, tokenizer, layers, corpus)
 
 
-def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool
-         ) -> Curvature:
+def _fit(inputs: Inputs, workdir: str | os.PathLike[str], options: FitOptions, progress: bool,
+         queries: int = 0, rank: int | None = None) -> Curvature:
     if options.factors is not None:  # e.g. fitted during training (datasleuth.lm.trainer)
         from datasleuth.lm.trainer import load_factors
 
         return load_factors(options.factors, inputs.model)
+    if progress and world()[0] == 0:  # state the memory before the run (datasleuth.memory)
+        print_estimate(inputs.layers, options.config, options.batch_size, inputs.corpus,
+                       queries, rank)
     return fit_factors(inputs.model, inputs.layers, inputs.corpus, workdir, options.config,
                        options.batch_size, options.max_sequences, progress)
 
@@ -406,7 +410,7 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
         open_corpus_index(stage.index, inputs.model, inputs.corpus)  # a mismatch: refuse now
     if method.influence:
         fitting = replace(fitting, config=replace(fitting.config, curvature=method.curvature))
-        curvature = _fit(inputs, load.workdir, fitting, progress)
+        curvature = _fit(inputs, load.workdir, fitting, progress, len(queries), stage.rank)
         if method.precondition is not None:  # e.g. a refined solver started from the fit
             curvature = method.precondition(inputs.model, inputs.corpus, curvature)
     else:

@@ -35,11 +35,13 @@ full-rank ones would, so one pass over the corpus serves them all. In time, the 
 path (the formulation of Grosse et al.) never forms DW̄ but costs T Q k (P + M); the
 reconstruct path forms the batch's DW̄, as the plain scan does, and rebuilds chunks of
 Ṽ = L R transiently. Both give the same scores up to rounding. :func:`scan_low_rank`
-uses the token path by default; ``path="reconstruct"`` suits large batches on
-hardware with high memory bandwidth, and ``path="auto"`` picks by multiply-add count
-alone (on a 2-core CPU it was no faster than the token path, benchmarks/scale.py;
-rebuilding Ṽ moves Q P (M+1) numbers per batch, which the count leaves out). Re-score the
-final top-N candidates with full-rank query gradients (:func:`rescore`).
+picks per layer and batch by cost (``path="auto"``, the default): multiply-adds plus
+the Q P (M+1) numbers the rebuild writes and reads, each weighted as
+:data:`REBUILD_TRAFFIC` multiply-adds (measured: at GPT-2-small width, 8 × 64 tokens
+and 256 rank-32 queries, the rebuild took 8× the token path on a 2-core CPU although
+its count of multiply-adds is only 1.6×). Large batches of long sequences favour the
+rebuild, many queries of short sequences the tokens. Re-score the final top-N
+candidates with full-rank query gradients (:func:`rescore`).
 """
 
 from __future__ import annotations
@@ -51,14 +53,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
+from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import per_example_gradients
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
+from datasleuth.scale.rescore import rescore, subset_loader, top_candidates
 from datasleuth.scale.svd import truncated_svd
-from datasleuth.scoring import FullRankScorer, Scores, collect_scores, precondition_queries, scan
+from datasleuth.scoring import (
+    Scores,
+    collect_scores,
+    precondition_queries,
+    query_coordinates,
+    scan,
+)
 from datasleuth.storage import load_tensors, save_tensors
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
@@ -337,11 +346,15 @@ def compress_queries(
 
     Same queries as :func:`datasleuth.scoring.precondition_queries`, then
     :meth:`LowRankQueries.from_preconditioned`; the metadata records the curvature kind
-    and, when it has one, its model fingerprint.
+    and, when it has one, its model fingerprint. A block-diagonal :class:`Curvature`
+    compresses in its eigenbasis (:func:`_compress_in_basis`).
     """
     parts = []
     for batch in progress_bar(queries, desc="compress queries", enabled=progress,
                               unit="query"):
+        if isinstance(curvature, Curvature):
+            parts.append(_compress_in_basis(model, task, curvature, batch, rank))
+            continue
         pre = precondition_queries(model, task, curvature, [batch], progress=False)
         parts.append(LowRankQueries.from_preconditioned(pre, rank))
     if not parts:
@@ -354,15 +367,38 @@ def compress_queries(
     return out
 
 
+def _compress_in_basis(model: nn.Module, task: Task, curvature: Curvature, batch: Any,
+                       rank: int) -> LowRankQueries:
+    """Truncated SVD of C = Q_Sᵀ Ṽ Q_A, then L = Q_S L_C, R = R_C Q_Aᵀ (METHOD.md §4).
+
+    Orthogonal rotations keep singular values, so this is Ṽ's own best rank-k
+    approximation, at a cost of k (P² + (M+1)²) per query to rotate the factors back
+    instead of P (M+1) (P + M + 1) to rotate Ṽ back and forth densely.
+    """
+    coords, curv = query_coordinates(model, task, curvature, [batch])
+    low = LowRankQueries.from_preconditioned(coords, rank)
+    for name, c in curv.layers.items():
+        if name in low.full:
+            low.full[name] = c.unrotate(low.full[name])
+            continue
+        if c.q_out is not None:
+            low.left[name] = c.q_out.from_basis(low.left[name], -2).contiguous()
+        if c.q_in is not None:
+            low.right[name] = c.q_in.from_basis(low.right[name], -1).contiguous()
+    return low
+
+
 _PATHS = ("auto", "tokens", "reconstruct")
+REBUILD_TRAFFIC = {"cpu": 128, "other": 32}
+"""Multiply-adds one rebuilt number of Ṽ = L R costs in memory traffic, by device type
+(a 2-core CPU: ~180 measured; a GPU moves about 4 bytes per 30 multiply-adds)."""
 
 
 class LowRankScorer:
     """Scores one layer's captured (ā, Ds) against every query.
 
     Two exact evaluations of ⟨L R, DW̄⟩ for a low-rank layer, fixed by ``path`` or
-    chosen per batch by multiply-add count (``path="auto"``, which ignores memory
-    traffic):
+    chosen per batch by cost (``path="auto"``; module docstring):
 
     * ``"tokens"`` (Grosse et al. 2023, §3.2.2): Σ_t (Ds_tᵀ L)(R ā_t); DW̄ is never
       formed; B T Q k (P + M + 1) per batch.
@@ -373,7 +409,7 @@ class LowRankScorer:
     """
 
     def __init__(self, queries: LowRankQueries, name: str, dtype: torch.dtype,
-                 device: torch.device, path: str = "tokens"):
+                 device: torch.device, path: str = "auto"):
         self.q = queries.n_queries
         self.path = path
         if name in queries.full:
@@ -400,7 +436,8 @@ class LowRankScorer:
         path = self.path
         if path == "auto":
             tokens = b * t * self.q * self.k * (p + m1)
-            rebuild = self.q * self.k * p * m1 + b * (t + self.q) * p * m1
+            traffic = REBUILD_TRAFFIC["cpu" if a.device.type == "cpu" else "other"]
+            rebuild = self.q * (self.k + traffic) * p * m1 + b * (t + self.q) * p * m1
             path = "tokens" if tokens <= rebuild else "reconstruct"
         if path == "reconstruct":
             dw = per_example_gradients(a, g).reshape(b, -1)  # (B, P(M+1))
@@ -435,15 +472,15 @@ def scan_low_rank(
     train: Iterable[Any],
     on_scores: Callable[[int, Tensor], None],
     progress: bool = True,
-    path: str = "tokens",
+    path: str = "auto",
 ) -> None:
     """Stream ``train`` once and call ``on_scores(first_index, scores (B, Q, L))`` per batch.
 
     :func:`datasleuth.scoring.scan` with a :class:`LowRankScorer` per layer: each
     low-rank layer is scored against the compressed queries Ṽ ≈ L R (docs/method.md §4;
-    Grosse et al. 2023, §3.2.2), by default Σ_t (Ds_tᵀ L)(R ā_t), never forming DW̄
-    (``path``); layers kept at full rank take the per-example gradient path. The layer
-    axis follows ``queries.layer_names``.
+    Grosse et al. 2023, §3.2.2), as Σ_t (Ds_tᵀ L)(R ā_t) or against the rebuilt L R,
+    whichever costs less (``path``); layers kept at full rank take the per-example
+    gradient path. The layer axis follows ``queries.layer_names``.
     """
     scan(model, task, train, _scorers(model, queries, path), on_scores, progress,
          "scoring (low rank)")
@@ -455,54 +492,8 @@ def low_rank_scores(
     queries: LowRankQueries,
     train: Iterable[Any],
     progress: bool = True,
-    path: str = "tokens",
+    path: str = "auto",
 ) -> Scores:
     """All scores of :func:`scan_low_rank`: total (Q, N), per layer (Q, N, L)."""
     return collect_scores(model, task, train, _scorers(model, queries, path), progress,
                           "scoring (low rank)")
-
-
-def top_candidates(scores: Tensor, n: int) -> Tensor:
-    """Sorted union over queries of each query's ``n`` highest-scoring indices: (≤ Q n,).
-
-    ``scores`` is (Q, N) or (N,). These are the candidates to :func:`rescore`.
-    """
-    s = scores if scores.dim() == 2 else scores[None]
-    if n < 1:
-        raise DatasleuthError(f"n must be >= 1, got {n}; ask for at least one candidate")
-    n = min(n, s.shape[1])
-    order = torch.argsort(-s, dim=1, stable=True)[:, :n]  # (Q, n), ties to the lower index
-    return torch.unique(order)
-
-
-def subset_loader(
-    dataset: Dataset | Sequence[Any],
-    indices: Sequence[int] | Tensor,
-    collate: Callable[[list[Any]], Any] | None = None,
-    batch_size: int = 8,
-) -> DataLoader:
-    """A loader over ``dataset[i]`` for ``i`` in ``indices``, in that order (no shuffling)."""
-    idx = [int(i) for i in indices]
-    if not idx:
-        raise DatasleuthError("no indices to load; pass at least one candidate index")
-    return DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False,  # type: ignore[arg-type]
-                      collate_fn=collate)
-
-
-def rescore(
-    model: nn.Module,
-    task: Task,
-    preconditioned_full: Mapping[str, Tensor],
-    train_subset_loader: Iterable[Any],
-    progress: bool = False,
-) -> Scores:
-    """Full-rank scores of the selected candidates: total (Q, n), per layer (Q, n, L).
-
-    The last step of query batching (METHOD.md §4): the candidates found with low-rank
-    queries (:func:`top_candidates`) are scored again with the full-rank Ṽ
-    ({name: (Q, P, M+1)}, e.g. from :func:`datasleuth.scoring.precondition_queries`,
-    for a chunk of queries at a time if memory is short). Columns follow the order of
-    ``train_subset_loader`` (e.g. :func:`subset_loader`).
-    """
-    scorers = {name: FullRankScorer(v) for name, v in preconditioned_full.items()}
-    return collect_scores(model, task, train_subset_loader, scorers, progress, "re-scoring")

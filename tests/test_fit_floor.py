@@ -1,0 +1,105 @@
+"""The fit's hot path: rotation order, batched eigendecompositions at a checked precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datasleuth import curvature as curvature_module
+from datasleuth.curvature import Basis, eigh_batched, rotated_gradients
+from datasleuth.errors import DatasleuthError
+
+
+def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_per_token_and_per_sequence_rotation_give_the_same_eigenvalues(blocks):
+    g = torch.Generator().manual_seed(0)
+    b, t, p, m1 = 3, 5, 7, 6
+    a = torch.randn(b, t, m1, generator=g, dtype=torch.float64)
+    ds = torch.randn(b, t, p, generator=g, dtype=torch.float64)
+    a[1, 3:] = 0.0  # padding
+    ds[1, 3:] = 0.0
+    sizes_out = [3, 2, 2][:blocks] if blocks > 1 else [p]
+    sizes_in = [2, 2, 2][:blocks] if blocks > 1 else [m1]
+    q_out = Basis([_orthogonal(n, g) for n in sizes_out])
+    q_in = Basis([_orthogonal(n, g) for n in sizes_in])
+    dense = q_out.dense().t() @ torch.einsum("btp,btm->bpm", ds, a) @ q_in.dense()
+    tok = rotated_gradients(a, ds, q_out, q_in, per_token=True)
+    seq = rotated_gradients(a, ds, q_out, q_in, per_token=False)
+    auto = rotated_gradients(a, ds, q_out, q_in)
+    for got in (tok, seq, auto):
+        torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-12)
+    # the corrected eigenvalues E_seq[(Q_Sᵀ DW̄ Q_A)^∘2] of the two orders
+    torch.testing.assert_close(tok.square().mean(0), seq.square().mean(0), rtol=1e-12, atol=0)
+    assert dense.abs().max() > 0.1
+
+
+def test_rotation_order_follows_the_cost():
+    """Long sequences rotate the summed gradient; short ones every token (same result)."""
+    g = torch.Generator().manual_seed(1)
+    q_out, q_in = Basis([_orthogonal(8, g)]), Basis([_orthogonal(4, g)])
+    calls = []
+
+    class Spy(Basis):
+        def to_basis(self, v, dim):
+            calls.append(tuple(v.shape))
+            return super().to_basis(v, dim)
+
+    spy_out = Spy(q_out.blocks)
+    short = torch.randn(2, 1, 4, dtype=torch.float64), torch.randn(2, 1, 8, dtype=torch.float64)
+    rotated_gradients(*short, spy_out, q_in)
+    assert calls == [(2, 1, 8)]  # per token: T (64 + 16) = 80 < 8·16 + 4·64 = 384
+    calls.clear()
+    long = torch.randn(2, 9, 4, dtype=torch.float64), torch.randn(2, 9, 8, dtype=torch.float64)
+    rotated_gradients(*long, spy_out, q_in)
+    assert calls == [(2, 8, 4)]  # per sequence: 9 · 80 = 720 > 384
+
+
+def _ill_conditioned(n: int, cond: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = _orthogonal(n, g)
+    lam = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    return (q * lam) @ q.t(), lam
+
+
+def test_float32_eigendecomposition_agrees_with_float64_on_ill_conditioned_factors():
+    """Stated tolerance: the damped inverse (C + λI)⁻¹ with λ = 0.1 × mean eigenvalue (the
+    default damping) from the float32 decomposition is within 1e-4 (relative) of float64's,
+    on factors with condition number 1e10; eigenvalues within 1e-6 × the largest."""
+    factors = [_ill_conditioned(n, 1e10, s)[0] for n, s in ((96, 0), (96, 1), (40, 2))]
+    got = eigh_batched(factors, "auto")
+    ref = eigh_batched(factors, "float64")
+    probe = torch.randn(96, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for c, (lam, q), (lam64, q64) in zip(factors, got, ref):
+        assert q.dtype == torch.float64 and lam.min() >= 0
+        damp = 0.1 * float(lam64.mean())
+        x = probe[: c.shape[0]]
+        inv = q @ ((q.t() @ x) / (lam + damp)[:, None])
+        inv64 = q64 @ ((q64.t() @ x) / (lam64 + damp)[:, None])
+        assert (inv - inv64).norm() / inv64.norm() < 1e-4
+        assert (lam - lam64).abs().max() < 1e-6 * lam64.max()
+    # auto really used float32 here: not float64-exact
+    assert max(float((g[0] - r[0]).abs().max()) for g, r in zip(got, ref)) > 1e-14
+
+
+def test_float32_results_failing_the_check_are_redone_in_float64(monkeypatch):
+    c, _ = _ill_conditioned(30, 1e6, 4)
+    monkeypatch.setattr(curvature_module, "EIGH_TOLERANCE", 0.0)
+    (lam, q), = eigh_batched([c], "auto")
+    (lam64, q64), = eigh_batched([c], "float64")
+    torch.testing.assert_close(lam, lam64, rtol=0, atol=0)
+    torch.testing.assert_close(q, q64, rtol=0, atol=0)
+    with pytest.raises(DatasleuthError, match="precision"):
+        eigh_batched([c], "half")
+
+
+def test_batched_eigendecompositions_in_chunks_equal_one_at_a_time(monkeypatch):
+    factors = [_ill_conditioned(n, 1e4, s)[0] for s, n in enumerate((12, 7, 12, 12))]
+    monkeypatch.setattr(curvature_module, "_EIGH_BATCH_BYTES", 2 * 8 * 12 * 12)  # 2 a call
+    for (lam, q), c in zip(eigh_batched(factors, "float64"), factors):
+        ref_lam, ref_q = torch.linalg.eigh(c)
+        torch.testing.assert_close(lam, ref_lam.clamp_min(0), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close((q * lam) @ q.t(), c, rtol=1e-9, atol=1e-12)
