@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import loader
+from oracles import dense_ggn, layer_params, loop_gradients
+from torch.func import functional_call, hessian, jacrev
 
-from datasleuth import ClassificationTask, FitConfig, fit_curvature
+from datasleuth import ClassificationTask, FitConfig, find_layers, fit_curvature, pairwise_scores
+from datasleuth.refine import RefineConfig, RefinedInfluence
 from datasleuth.task import _sample_categorical
 
 
@@ -38,3 +41,126 @@ def test_fitting_passes_draw_their_own_seeded_labels(mlp_data, shared):
     assert all(torch.equal(a, b) for a, b in zip(task.drawn, again.drawn))
     for name, layer in fit.layers.items():
         torch.testing.assert_close(repeat.layers[name].dense(), layer.dense(), rtol=0, atol=0)
+
+
+# -- refinement (METHOD.md §9) ---------------------------------------------------------
+
+
+def _joint_ggn(model, layers, examples):
+    """G = (1/N) Σ_n J_nᵀ H_n J_n over the tracked layers together, (D, D), by torch.func."""
+    w0 = [layer.canonical_weight().detach() for layer in layers]
+    sizes = [w.numel() for w in w0]
+    theta = torch.cat([w.reshape(-1) for w in w0])
+
+    def out_of(th, ex):
+        params, start = {}, 0
+        for layer, w, n in zip(layers, w0, sizes):
+            params.update(layer_params(layer, th[start:start + n].reshape(w.shape)))
+            start += n
+        return functional_call(model, params, (ex[0],))
+
+    g = torch.zeros(len(theta), len(theta), dtype=torch.float64)
+    for ex in examples:
+        out = out_of(theta, ex).detach()
+        j = jacrev(lambda th, ex=ex: out_of(th, ex))(theta).reshape(out.numel(), -1)
+        h = hessian(lambda o, ex=ex: F.cross_entropy(o, ex[1], reduction="sum"))(out)
+        g += j.t() @ h.reshape(out.numel(), -1) @ j
+    return g / len(examples)
+
+
+@pytest.fixture
+def refine_problem(mlp_data):
+    model, x, y = mlp_data
+    task = ClassificationTask()
+    curv = fit_curvature(model, task, loader(x, y), None, FitConfig(), progress=False)
+    layers = find_layers(model)
+    examples = [(x[i:i + 1], y[i:i + 1]) for i in range(len(x))]
+    blocks = [dense_ggn(model, layer, examples,
+                        lambda m, params, ex: functional_call(m, params, (ex[0],)),
+                        lambda out, ex: F.cross_entropy(out, ex[1], reduction="sum"))
+              for layer in layers]
+    lam = torch.cat([torch.full((layer.grad_shape[0] * layer.grad_shape[1],),
+                                curv.layers[layer.name].damping, dtype=torch.float64)
+                     for layer in layers])
+    joint = _joint_ggn(model, layers, examples)
+    v = torch.randn(5, joint.shape[0], generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)  # (Q, D) query gradients
+    return model, task, curv, list(loader(x, y)), {
+        "blocks": torch.block_diag(*blocks) + torch.diag(lam), "joint": joint + torch.diag(lam),
+        "v": v}
+
+
+def _grads(refined, v):
+    return refined.layout.unflatten(v)
+
+
+@pytest.mark.parametrize("scheme", ["cg", "richardson"])
+def test_zero_steps_are_ekfac_exactly(refine_problem, scheme):
+    model, task, curv, train, ref = refine_problem
+    refined = RefinedInfluence(model, task, curv, train, RefineConfig(steps=0, scheme=scheme))
+    grads = _grads(refined, ref["v"])
+    got, want = refined.precondition(grads), curv.precondition(grads)
+    for name in want:
+        assert torch.equal(got[name], want[name])
+    # the reported residual is EK-FAC's own: ‖v − (G + λ)M⁻¹v‖ / ‖v‖ with the dense G
+    x = refined.layout.flatten(want)
+    dense = (ref["v"] - x @ ref["blocks"]).norm(dim=1) / ref["v"].norm(dim=1)
+    torch.testing.assert_close(torch.tensor(refined.info.residual, dtype=torch.float64), dense)
+    assert float(dense.min()) > 1e-3  # EK-FAC alone is not the exact answer here
+
+
+@pytest.mark.parametrize("scheme,steps,cross_layer,tol", [
+    ("cg", 60, False, 1e-8), ("cg", 60, True, 1e-8), ("richardson", 200, False, 1e-6)])
+def test_refinement_reaches_the_exact_damped_ggn_influence(refine_problem, cross_layer,
+                                                           scheme, steps, tol):
+    model, task, curv, train, ref = refine_problem
+    matrix = ref["joint"] if cross_layer else ref["blocks"]
+    exact = torch.linalg.solve(matrix, ref["v"].t()).t()  # (Q, D)
+    config = RefineConfig(steps=steps, scheme=scheme, cross_layer=cross_layer)
+    refined = RefinedInfluence(model, task, curv, train, config)
+    got = refined.layout.flatten(refined.precondition(_grads(refined, ref["v"])))
+    torch.testing.assert_close(got, exact, rtol=tol, atol=tol * float(exact.abs().max()))
+    assert max(refined.info.residual) < tol < min(refined.info.start)
+    # a few steps already beat EK-FAC, which solves neither system exactly
+    few = RefinedInfluence(model, task, curv, train, RefineConfig(steps=3, scheme=scheme,
+                                                                  cross_layer=cross_layer))
+    x3 = few.layout.flatten(few.precondition(_grads(few, ref["v"])))
+    x0 = refined.layout.flatten(curv.precondition(_grads(refined, ref["v"])))
+    assert bool(((x3 - exact).norm(dim=1) < (x0 - exact).norm(dim=1)).all())
+
+
+def test_stochastic_richardson_on_the_cross_layer_ggn_shrinks_the_residual(refine_problem):
+    """Fresh batches each step (ASTRA), iterates averaged: the dense residual of the joint
+    system falls well below EK-FAC's, though the batch noise keeps it from vanishing."""
+    model, task, curv, train, ref = refine_problem
+    config = RefineConfig(steps=100, scheme="richardson", cross_layer=True, batches=2, seed=2)
+    refined = RefinedInfluence(model, task, curv, train, config)
+    grads = _grads(refined, ref["v"])
+    got = refined.layout.flatten(refined.precondition(grads))
+    x0 = refined.layout.flatten(curv.precondition(grads))
+
+    def dense(x):
+        return (ref["v"] - x @ ref["joint"]).norm(dim=1) / ref["v"].norm(dim=1)
+
+    assert bool((dense(got) < 0.5 * dense(x0)).all())
+    assert refined.info.products == 102 and len(refined.info.residual) == 5
+
+
+def test_refined_queries_go_through_the_ordinary_scan(refine_problem, mlp_data):
+    """pairwise_scores with the refined preconditioner = ∇fᵀ (G_blocks + λ)⁻¹ ∇log p, dense."""
+    model, task, curv, train, ref = refine_problem
+    _, x, y = mlp_data
+    refined = RefinedInfluence(model, task, curv, train, RefineConfig(steps=60))
+    queries = [(x[:3], y[:3])]
+    got = pairwise_scores(model, task, refined, queries, train, progress=False).total
+
+    def loss(m, ex):
+        return F.cross_entropy(m(ex[0]), ex[1], reduction="sum")
+
+    layers = find_layers(model)
+    grads = [refined.layout.flatten(loop_gradients(model, layers, [(x[i:i + 1], y[i:i + 1])
+                                                                   for i in idx], loss))
+             for idx in (range(3), range(len(x)))]  # loss gradients = −∇log p
+    want = grads[0] @ torch.linalg.solve(ref["blocks"], grads[1].t())  # (3, N)
+    torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=1e-9)
+    assert refined.kind == "ekfac+cg" and refined.metadata["config"]["refine"]["steps"] == 60
