@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import loader
+from conftest import lm_batch, loader, tiny_gpt2
 from oracles import dense_ggn, layer_params, loop_gradients
 from torch.func import functional_call, hessian, jacrev
 
 from datasleuth import ClassificationTask, FitConfig, find_layers, fit_curvature, pairwise_scores
+from datasleuth.cli import main
+from datasleuth.demo import TINY_CONFIG, build_demo_world
+from datasleuth.estimators import ExactInfluence
+from datasleuth.lm.task import CausalLMTask
 from datasleuth.refine import RefineConfig, RefinedInfluence
+from datasleuth.scoring import collect_gradients
 from datasleuth.task import _sample_categorical
 
 
@@ -110,7 +117,7 @@ def test_zero_steps_are_ekfac_exactly(refine_problem, scheme):
 
 
 @pytest.mark.parametrize("scheme,steps,cross_layer,tol", [
-    ("cg", 60, False, 1e-8), ("cg", 60, True, 1e-8), ("richardson", 200, False, 1e-6)])
+    ("cg", 60, False, 1e-8), ("cg", 60, True, 1e-8), ("richardson", 120, False, 1e-5)])
 def test_refinement_reaches_the_exact_damped_ggn_influence(refine_problem, cross_layer,
                                                            scheme, steps, tol):
     model, task, curv, train, ref = refine_problem
@@ -164,3 +171,58 @@ def test_refined_queries_go_through_the_ordinary_scan(refine_problem, mlp_data):
     want = grads[0] @ torch.linalg.solve(ref["blocks"], grads[1].t())  # (3, N)
     torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=1e-9)
     assert refined.kind == "ekfac+cg" and refined.metadata["config"]["refine"]["steps"] == 60
+
+
+# -- language models (CausalLMTask, the CLI) ---------------------------------------------
+
+
+def test_refinement_of_a_language_model_reaches_the_exact_ggn_blocks():
+    model = tiny_gpt2()
+    layers = ["transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_proj"]
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 11, (int(n),), generator=g).tolist() for n in (9, 7, 12, 5, 10, 8)]
+    train = [lm_batch(seqs[i:i + 2]) for i in range(0, 6, 2)]
+    task = CausalLMTask()
+    curv = fit_curvature(model, task, train, layers, FitConfig(), progress=False)
+    exact = ExactInfluence.fit(model, task, train, layers, damping="match", reference=curv,
+                               block_diagonal=True)
+    query = lm_batch([[1, 2, 3, 4, 5, 6]])
+    query["labels"][:, :4] = -100  # the completion: the last two tokens
+    grads = collect_gradients(model, task, [query], find_layers(model, layers))
+    refined = RefinedInfluence(model, task, curv, train, RefineConfig(steps=30))
+    want = exact.precondition(grads)
+    got = refined.precondition(grads)
+    ekfac = curv.precondition(grads)
+    for name in layers:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-9)
+        assert not torch.allclose(ekfac[name], want[name], rtol=1e-2)
+    assert refined.info.residual[0] < 1e-6 < refined.info.start[0]
+
+
+def test_cli_trace_refine_reports_residuals_per_query(tmp_path, capsys):
+    world = build_demo_world(tmp_path / "world", config=TINY_CONFIG, progress=False)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(q) + "\n" for q in (
+        {"id": "a", "prompt": "Q: Where does the fox live?\nA:", "completion": " In a den."},
+        {"id": "b", "prompt": "The moon is", "completion": " bright."})))
+    common = ["trace", "--model", str(world.model_dir), "--corpus", str(world.corpus_path),
+              "--queries", str(queries), "--seq-len", "32", "--top-k", "3", "--no-report",
+              "--workdir", str(tmp_path / "w"), "--no-progress", "--max-sequences", "24"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "r0"), "--refine", "0"]) == 0
+    assert main([*common, "--out", str(tmp_path / "r"), "--refine", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "refined: relative residual" in out
+    plain, zero, refined = (json.loads((tmp_path / d / "results.json").read_text())
+                            for d in ("plain", "r0", "r"))
+    for p, z in zip(plain["queries"], zero["queries"]):  # zero steps: EK-FAC's own ranking
+        assert [r["index"] for r in p["top"]] == [r["index"] for r in z["top"]]
+        assert [r["score"] for r in p["top"]] == pytest.approx([r["score"] for r in z["top"]],
+                                                               rel=1e-5)
+    assert refined["refine"]["steps"] == 4 and refined["refine"]["products"] == 5
+    assert refined["config"]["curvature"]["refine"]["scheme"] == "cg"
+    for q, z in zip(refined["queries"], zero["queries"]):
+        assert q["refine_residual"] < 0.5 * q["ekfac_residual"]
+        assert z["refine_residual"] == z["ekfac_residual"] == pytest.approx(q["ekfac_residual"])
+    assert main([*common, "--out", str(tmp_path / "x"), "--refine", "2", "--method", "bm25"]) == 2
+    assert "--refine refines influence" in capsys.readouterr().err

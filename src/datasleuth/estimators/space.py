@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
@@ -281,9 +282,11 @@ def isolated(model: nn.Module) -> Iterator[None]:
 
     :func:`~datasleuth.scoring.self_influence` calls ``precondition`` while its capture
     hooks are installed on the tracked layers; the estimators' own forward passes must
-    not reach those hooks (they would see a layer run twice).
+    not reach those hooks (they would see a layer run twice). Attention runs its plain
+    math kernel: the fused ones (flash, memory-efficient) have no forward-mode derivative,
+    which Gauss-Newton-vector products need.
     """
-    with evaluation(model), suspend_capture():
+    with evaluation(model), suspend_capture(), sdpa_kernel([SDPBackend.MATH]):
         yield
 
 
