@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.func import functional_call, hessian, jacrev
 from datasleuth import ClassificationTask, FitConfig, find_layers, fit_curvature, pairwise_scores
 from datasleuth.cli import main
 from datasleuth.demo import TINY_CONFIG, build_demo_world
-from datasleuth.estimators import ExactInfluence
+from datasleuth.estimators import ConjugateGradient, ExactInfluence, LiSSA
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.refine import RefineConfig, RefinedInfluence
 from datasleuth.scoring import collect_gradients
@@ -226,3 +227,48 @@ def test_cli_trace_refine_reports_residuals_per_query(tmp_path, capsys):
         assert z["refine_residual"] == z["ekfac_residual"] == pytest.approx(q["ekfac_residual"])
     assert main([*common, "--out", str(tmp_path / "x"), "--refine", "2", "--method", "bm25"]) == 2
     assert "--refine refines influence" in capsys.readouterr().err
+
+
+# -- reference estimators at EK-FAC's relative damping (issue 9) ---------------------------
+
+
+def test_reference_estimators_take_ekfacs_relative_damping(refine_problem, mlp_data):
+    """damping=None: 0.1 × tr(G_ℓ)/D_ℓ per layer, as EK-FAC; exact from the dense blocks."""
+    model, task, curv, train, ref = refine_problem
+    _, x, y = mlp_data
+    ekfac_lam = torch.cat([torch.full((n,), curv.layers[name].damping, dtype=torch.float64)
+                           for name, n in (("0", 30), ("2", 21))])  # inside ref's matrices
+    ggn = ref["joint"] - torch.diag(ekfac_lam)  # undamped G, (51, 51)
+    want = torch.cat([torch.full((e - s,), 0.1 * float(torch.trace(ggn[s:e, s:e])) / (e - s),
+                                 dtype=torch.float64) for s, e in ((0, 30), (30, 51))])
+    exact = ExactInfluence.fit(model, task, loader(x, y), block_diagonal=True)
+    torch.testing.assert_close(exact.damping, want)
+    other = ExactInfluence.fit(model, task, loader(x, y), damping_scale=0.5)
+    torch.testing.assert_close(other.damping, 5 * want)
+    torch.testing.assert_close(other.dense(), ggn + torch.diag(5 * want))
+    cg = ConjugateGradient(model, task, loader(x, y), tol=1e-12)
+    v = ref["v"][:2]
+    got = cg.solve(v)  # λ_ℓ from Hutchinson's estimate of tr(G_ℓ)/D_ℓ: near, not equal
+    est = cg.space.damping(None, None, cg._means)
+    assert float((est / want - 1).abs().max()) < 0.3 and not torch.allclose(est, want)
+    torch.testing.assert_close(got, torch.linalg.solve(ggn + torch.diag(est), v.t()).t(),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_lissa_warns_when_its_residual_shows_no_convergence(mlp_data):
+    model, x, y = mlp_data
+    task = ClassificationTask()
+    v = torch.randn(2, 51, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    short = LiSSA(model, task, loader(x, y), damping=0.01, depth=3)
+    with pytest.warns(RuntimeWarning, match="LiSSA has not converged"):
+        short.solve(v)
+    assert float(short.info.residual.min()) > 0.1
+    long = LiSSA(model, task, loader(x, y), damping=0.1, depth=150)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = long.solve(v)
+    exact = ExactInfluence.fit(model, task, loader(x, y), damping=0.1)
+    want = exact.solve(v)
+    residual = (v - got @ exact.dense()).norm(dim=1) / v.norm(dim=1)
+    torch.testing.assert_close(long.info.residual, residual, rtol=1e-6, atol=1e-12)
+    assert float(residual.max()) < 1e-3 and (got - want).norm() / want.norm() < 1e-3
