@@ -271,6 +271,8 @@ def _fit_and_score(ctx: _Context, names: list[str], say: Callable[[str], None]) 
         info = getattr(precond, "info", None)
         if hasattr(info, "summary"):  # refined EK-FAC: products and residuals per query
             run.results[name]["refine"] = info.summary()
+        elif isinstance(getattr(info, "residual", None), torch.Tensor):  # CG, LiSSA
+            run.results[name]["max_residual"] = float(info.residual.max())
     return run
 
 
