@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- fact-tracing:begin -->", "<!-- fact-tracing:end -->"
 REFINED = tuple(n for n in ESTIMATORS if "refine" in n)  # refined EK-FAC, once merged
 METHODS = ("ekfac", *REFINED, "identity", "cosine", "repsim", "bm25")
-LABELS = {"ekfac": "EK-FAC", "identity": "dot product (identity)", "cosine": "cosine (TrackStar)",
+LABELS = {"ekfac": "EK-FAC", "ekfac_refined": "EK-FAC refined (CG)",
+          "identity": "dot product (identity)", "cosine": "cosine (TrackStar)",
           "repsim": "representation similarity", "bm25": "BM25"}
 MEMORISED_STEPS = 300
 PATCH = TailPatchConfig(k=5, draws=5, lr=1e-4, warmup=16)

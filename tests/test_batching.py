@@ -120,7 +120,8 @@ def test_scores_converge_to_full_rank_as_rank_grows(lm_setup):
     # Exact from k = 8 on: c_proj is kept whole, and c_fc's Ṽ has rank <= 8 < 9 because its
     # input, a LayerNorm output, spans only an 8-dimensional affine subspace of R^9.
     assert errors[0] > 0.05 and errors[-1] < 1e-12, errors
-    assert all(b >= a - 1e-12 for a, b in zip(correlations, correlations[1:])), correlations
+    # the error falls monotonically (Eckart-Young); Pearson, centred, only nearly so
+    assert all(b >= a - 0.01 for a, b in zip(correlations, correlations[1:])), correlations
     assert correlations[0] < 0.9 and correlations[-1] == pytest.approx(1.0, abs=1e-12)
 
 

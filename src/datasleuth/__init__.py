@@ -18,6 +18,7 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.estimators import ConjugateGradient, ExactInfluence, LiSSA
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.layers import find_layers
+from datasleuth.refine import RefineConfig, RefinedInfluence
 from datasleuth.scoring import (
     Scores,
     pairwise_scores,
@@ -39,6 +40,8 @@ __all__ = [
     "ExactInfluence",
     "FitConfig",
     "LiSSA",
+    "RefineConfig",
+    "RefinedInfluence",
     "RegressionTask",
     "Scores",
     "Task",

@@ -12,6 +12,7 @@ for matching losses), or from the true labels when ``fisher="empirical"``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from datasleuth.streaming import BatchEnd, evaluation, stream
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
 
-__all__ = ["FitConfig", "fit_curvature"]
+__all__ = ["FitConfig", "fit_curvature", "pass_seed"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,15 @@ class FitConfig:
         fisher: ``"sampled"`` labels from the model (true Fisher, default) or
             ``"empirical"`` (the data's own labels).
         blocks: split A and S into this many diagonal blocks (1 = no split).
-        seed: seed of the label sampler.
+        seed: seed of the label sampler. Each pass draws its own labels from a stream
+            derived from ``seed`` and the pass (:func:`pass_seed`), so the eigenvalues
+            are not fitted on the very labels that chose the eigenbasis.
         max_batches: stop each pass after this many batches (``None`` = all).
         max_factor_memory: bytes a layer's factor sums may take; a layer over it gets
             more blocks than ``blocks`` (:func:`datasleuth.memory.blocks_for_budget`).
+        shared_labels: ``True`` reproduces fits made before passes had their own labels
+            (both passes draw the same labels, which biases the eigenvalues); for
+            before/after comparisons only.
     """
 
     curvature: str = "ekfac"
@@ -73,6 +79,7 @@ class FitConfig:
     seed: int = 0
     max_batches: int | None = None
     max_factor_memory: int | None = None
+    shared_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -93,6 +100,20 @@ class FitConfig:
         if self.max_factor_memory is not None and self.max_factor_memory <= 0:
             raise DatasleuthError(f"max_factor_memory must be > 0 bytes or None, got "
                                   f"{self.max_factor_memory}; e.g. 4 * 2**30 for 4 GiB")
+
+
+def pass_seed(config: FitConfig, phase: str) -> int:
+    """Seed of the label sampler of one fitting pass (``"factors"`` or ``"eigenvalues"``).
+
+    The factor pass uses ``config.seed``; the eigenvalue pass a seed hashed from it, so the
+    two passes draw independent labels yet every fit with the same seed draws the same
+    ones (``shared_labels``: both use ``config.seed``). Distinct per process
+    (:func:`~datasleuth.distributed.rank_seed`).
+    """
+    if phase == "factors" or config.shared_labels:
+        return rank_seed(config.seed)
+    digest = hashlib.sha256(f"datasleuth/{phase}/{config.seed}".encode()).digest()
+    return rank_seed(int.from_bytes(digest[:8], "little") >> 4)
 
 
 def _block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
@@ -258,7 +279,7 @@ class _Checkpoint:
 
     def generator(self, config: FitConfig, phase: str) -> torch.Generator:
         """The label sampler of a pass: seeded, or where a resumed pass left it."""
-        gen = torch.Generator().manual_seed(rank_seed(config.seed))
+        gen = torch.Generator().manual_seed(pass_seed(config, phase))
         if self.state is not None and self.state_phase == phase:
             gen.set_state(self.state)
         return gen

@@ -26,7 +26,8 @@ __all__ = ["evaluate"]
                    ".py file defining `recipe = Recipe(...)` (the file is executed).")
 @click.option("--estimators", default=None,
               help="Comma list of estimators (default: all: identity, diagonal, kfac, ekfac, "
-                   "exact_ggn, exact_ggn_layers, cg, lissa) and baselines (cosine, repsim, "
+                   "exact_ggn, exact_ggn_layers, cg, lissa, ekfac_shared_labels, ekfac_refined, "
+                   "ekfac_astra) and baselines (cosine, repsim, "
                    "bm25).")
 @click.option("--subsets", default=32, show_default=True, type=click.IntRange(0),
               help="Random 50% subsets retrained for the LDS (0 = no LDS).")

@@ -86,6 +86,7 @@ def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
     """The ``trace`` command's own options as :class:`TraceOptions`."""
     from datasleuth.lm.trace import TraceConfig
     from datasleuth.lm.workflow import Candidates, TraceOptions
+    from datasleuth.refine import RefineConfig
 
     candidates = Candidates(
         bm25=values["candidates"] if values["filter_kind"] == "bm25" else None,
@@ -93,9 +94,13 @@ def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
         rescore=values["rescore"])
     config = TraceConfig(top_k=values["top_k"], bottom_k=values["bottom_k"],
                          batch_size=values["batch_size"], power_law=values["power_law"])
+    refine = None if values["refine_steps"] is None else RefineConfig(
+        steps=values["refine_steps"], scheme=values["refine_scheme"],
+        batches=values["refine_batches"], cross_layer=values["refine_cross_layer"])
     return TraceOptions(values["queries_path"], out=values["out_dir"], config=config,
                         candidates=candidates, all_scores=values["all_scores"],
-                        report=not values["no_report"], method=values["method"])
+                        report=not values["no_report"], method=values["method"],
+                        refine=refine)
 
 
 @click.command("trace")
@@ -136,6 +141,20 @@ def trace_options_from(values: Mapping[str, Any]) -> TraceOptions:
 @click.option("--rescore", default=100, show_default=True, type=click.IntRange(1),
               help="With --rank or --index: candidates per query re-scored at full rank "
                    "(at least --top-k).")
+@click.option("--refine", "refine_steps", type=click.IntRange(0), default=None,
+              help="Refine the curvature's inverse-curvature products with STEPS "
+                   "Gauss-Newton steps on the corpus, EK-FAC as start and preconditioner; "
+                   "each step costs one GGN-vector product per query and layer on the "
+                   "refinement batches. Residuals per query go to results.json.")
+@click.option("--refine-scheme", type=click.Choice(["cg", "richardson"]), default="cg",
+              show_default=True, help="With --refine: preconditioned CG, or stochastic "
+                   "preconditioned Richardson steps on fresh batches (ASTRA).")
+@click.option("--refine-batches", type=click.IntRange(1), default=None,
+              help="With --refine: batches (of --batch-size sequences) per GGN-vector "
+                   "product, sampled; default every fitted sequence.")
+@click.option("--refine-cross-layer", is_flag=True,
+              help="With --refine: the Gauss-Newton matrix across tracked layers, not its "
+                   "per-layer blocks (what EK-FAC approximates).")
 @threads_option
 @progress_option
 def trace(**options: Any) -> None:
@@ -255,6 +274,9 @@ def print_summary(results: dict[str, Any], width: int = 70) -> None:
             if sparsity.get("power_law"):
                 line += f"; power-law tail alpha = {sparsity['power_law']['alpha']:.2f}"
             click.echo(line)
+        if q.get("refine_residual") is not None:
+            click.echo(f"  refined: relative residual {q['ekfac_residual']:.3g} (EK-FAC) -> "
+                       f"{q['refine_residual']:.3g}")
         for row in q["top"][:5]:
             text = "".join(row["tokens"]).replace("\n", " ")
             flag = "  [spurious]" if row["spurious"] else ""

@@ -40,12 +40,18 @@ LiSSA (lissa)          depth × repeats mini-batch GGN products;  like CG; depth
                        O(Q·D) memory                             so small damping is costly
 EK-FAC                 two passes over the data; (M² + P² + MP)  52B-parameter models (Grosse
 (datasleuth.fitting)   numbers per layer; block-diagonal only    et al. 2023)
+refined EK-FAC         EK-FAC, then per step one GGN-vector      like CG, but EK-FAC as start
+(datasleuth.refine)    product per query (× L layers for the     and preconditioner: tens of
+                       per-layer blocks) on the step's batches   steps, not thousands
 =====================  ========================================  =============================
 
-Damping: an absolute λ (float), a mapping {layer name: λ_ℓ}, or ``"match"`` to take each
-layer's λ_ℓ from a fitted :class:`~datasleuth.curvature.Curvature` (``reference=``), so that
-an exact estimate and EK-FAC are compared at the same damping. In every case the damped
-matrix is G + diag(λ_ℓ(i)), with λ_ℓ(i) the damping of the layer holding parameter i.
+Damping: ``None`` (default) for ``damping_scale`` × the mean eigenvalue tr(G_ℓ)/D_ℓ of each
+layer's block — EK-FAC's own rule, exact for :class:`ExactInfluence`, estimated with seeded
+Hutchinson probes by CG and LiSSA; an absolute λ (float), a mapping {layer name: λ_ℓ}, or
+``"match"`` to take each layer's λ_ℓ from a fitted :class:`~datasleuth.curvature.Curvature`
+(``reference=``), so that an exact estimate and EK-FAC are compared at the same damping. In
+every case the damped matrix is G + diag(λ_ℓ(i)), with λ_ℓ(i) the damping of the layer
+holding parameter i.
 
 Example (a tiny classifier; every estimator plugs into the same scoring calls)::
 

@@ -23,6 +23,7 @@ from datasleuth.estimators.space import (
     isolated,
 )
 from datasleuth.layers import TrackedLayer
+from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE
 from datasleuth.task import Task
 
 __all__ = ["EXACT_KINDS", "ExactInfluence"]
@@ -74,22 +75,24 @@ class ExactInfluence(JointPreconditioner):
         layers: Sequence[str] | Sequence[TrackedLayer] | None = None,
         *,
         kind: str = "exact_ggn",
-        damping: ReferenceDamping = 1e-3,
+        damping: ReferenceDamping = None,
         reference: Curvature | None = None,
         block_diagonal: bool = False,
         negative: str = "raise",
+        damping_scale: float = DEFAULT_DAMPING_SCALE,
     ) -> ExactInfluence:
-        """Build the dense matrix from ``loader`` (iterated once) and factor it.
+        """Build the dense matrix from ``loader`` (iterated once) and factor it, once.
 
         ``layers``: tracked layers, glob patterns, or None for every supported layer;
         with ``damping="match"`` and no ``layers``, the reference curvature's layers.
+        ``damping=None``: ``damping_scale`` × the mean eigenvalue tr(G_ℓ)/D_ℓ of each
+        layer's block, EK-FAC's rule (:func:`~datasleuth.preconditioner.resolve_damping`).
         """
         _check_choice("kind", kind, EXACT_KINDS)
         _check_choice("negative", negative, _NEGATIVE)
         space = ParameterSpace.resolve(model, layers, reference)
-        lam = space.damping(damping, reference)  # (D,)
-        op = CurvatureOperator(space, task, lam, block_diagonal,
-                               "ggn" if kind == "exact_ggn" else "hessian")
+        op = CurvatureOperator(space, task, space.damping(0.0, None), block_diagonal,
+                               "ggn" if kind == "exact_ggn" else "hessian")  # λ unused here
         with isolated(model):
             total, count = op.dense(list(loader))  # (D, D)
         if count == 0:
@@ -98,6 +101,8 @@ class ExactInfluence(JointPreconditioner):
         matrix = 0.5 * (matrix + matrix.t())
         if kind == "exact_hessian" and negative != "raise":
             matrix = _fix_spectrum(matrix, negative)
+        means = space.layout.layer_means(torch.diagonal(matrix)) if damping is None else None
+        lam = space.damping(damping, reference, means, damping_scale)  # (D,)
         return cls(space.layout, matrix, lam.double(), kind, block_diagonal)
 
     def dense(self) -> Tensor:

@@ -7,6 +7,7 @@ the work grows with the number of passes over the data the solve needs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from datasleuth.estimators.space import (
     isolated,
 )
 from datasleuth.layers import TrackedLayer
+from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE
 from datasleuth.task import Task
 
 __all__ = ["CGInfo", "ConjugateGradient", "LiSSA", "LiSSAInfo"]
@@ -38,19 +40,29 @@ class _Iterative(JointPreconditioner):
     """What CG and LiSSA share: the model, its parameter space and the damped operator."""
 
     def __init__(self, model: nn.Module, task: Task, layers: Layers,
-                 damping: ReferenceDamping, reference: Curvature | None, block_diagonal: bool):
+                 damping: ReferenceDamping, reference: Curvature | None, block_diagonal: bool,
+                 damping_scale: float = DEFAULT_DAMPING_SCALE):
         self.model, self.task = model, task
         self.space = ParameterSpace.resolve(model, layers, reference)
         self.layout = self.space.layout
         self.damping, self.reference = damping, reference
         self.block_diagonal = block_diagonal
+        self.damping_scale = damping_scale
+        self._means: dict[str, float] | None = None
 
     def to(self: _Self, device: torch.device | str) -> _Self:
         """Itself: it works wherever the model lives."""
         return self
 
-    def _operator(self) -> CurvatureOperator:
-        lam = self.space.damping(self.damping, self.reference)  # (D,)
+    def _operator(self, batches: Iterable[Any]) -> CurvatureOperator:
+        """The damped operator; ``damping=None`` takes ``damping_scale`` × each layer's
+        mean eigenvalue, estimated once on ``batches`` (:meth:`CurvatureOperator.layer_means`)."""
+        if self.damping is None and self._means is None:
+            probe = CurvatureOperator(self.space, self.task, self.space.damping(0.0, None),
+                                      self.block_diagonal)
+            self._means = probe.layer_means(batches)
+        lam = self.space.damping(self.damping, self.reference, self._means,
+                                 self.damping_scale)  # (D,)
         return CurvatureOperator(self.space, self.task, lam, self.block_diagonal)
 
 
@@ -84,29 +96,30 @@ class ConjugateGradient(_Iterative):
         train: Iterable[Any],
         layers: Layers = None,
         *,
-        damping: ReferenceDamping = 1e-3,
+        damping: ReferenceDamping = None,
         reference: Curvature | None = None,
         block_diagonal: bool = False,
         tol: float = 1e-10,
         max_iter: int = 1000,
+        damping_scale: float = DEFAULT_DAMPING_SCALE,
     ):
         if not tol > 0 or max_iter < 1:
             raise DatasleuthError("tol must be > 0 and max_iter >= 1; use e.g. tol=1e-10")
-        super().__init__(model, task, layers, damping, reference, block_diagonal)
+        super().__init__(model, task, layers, damping, reference, block_diagonal, damping_scale)
         self.train, self.tol, self.max_iter = train, tol, max_iter
         self.info: CGInfo | None = None
 
     def solve(self, v: Tensor) -> Tensor:
         """x with (G + λI) x = v for each row of ``v`` (B, D)."""
-        op = self._operator()
-        b = v.to(op.damping.dtype)  # (B, D)
         with isolated(self.model):
+            op = self._operator(self.train)
+            b = v.to(op.damping.dtype)  # (B, D)
+
             def apply(x: Tensor) -> Tensor:
                 return op.mean(self.train, x)
 
             x, iterations, active = _conjugate_gradient(apply, b, self.tol, self.max_iter)
-            residual = (b - apply(x)).norm(dim=1) / b.norm(dim=1).clamp_min(
-                torch.finfo(b.dtype).tiny)  # (B,)
+            residual = _relative_residual(b, apply(x))  # (B,)
         self.info = CGInfo(iterations, residual, not bool(active.any()))
         return x.to(v.dtype)
 
@@ -148,6 +161,7 @@ class LiSSAInfo:
     depth: int
     repeats: int
     spread: Tensor  # (B,) relative standard deviation of the estimate across repeats
+    residual: Tensor | None = None  # (B,) ‖v − (G + λ)x‖/‖v‖ on the full data (warn_residual)
 
 
 class LiSSA(_Iterative):
@@ -164,7 +178,10 @@ class LiSSA(_Iterative):
     GGN from ``power_iterations`` steps of power iteration — the factor 2 leaves room for
     mini-batches whose curvature exceeds the full data's; pass a smaller ``scale`` if the
     recursion diverges. ``batch_size=None`` uses the full data at every step
-    (deterministic: a truncated Neumann series).
+    (deterministic: a truncated Neumann series). After the recursion one more pass over
+    the data measures the relative residual ‖v − (G + λI)x‖/‖v‖ (:attr:`info`); above
+    ``warn_residual`` a RuntimeWarning says the estimate has not converged
+    (``warn_residual=None`` skips the check and its pass).
 
     ``train`` is a map-style dataset or a DataLoader over one (its dataset and
     collate_fn are used).
@@ -179,7 +196,7 @@ class LiSSA(_Iterative):
         train: Any,
         layers: Layers = None,
         *,
-        damping: ReferenceDamping = 1e-3,
+        damping: ReferenceDamping = None,
         reference: Curvature | None = None,
         block_diagonal: bool = False,
         depth: int = 1000,
@@ -189,6 +206,8 @@ class LiSSA(_Iterative):
         seed: int = 0,
         power_iterations: int = 30,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        damping_scale: float = DEFAULT_DAMPING_SCALE,
+        warn_residual: float | None = 0.1,
     ):
         if depth < 1 or repeats < 1 or (batch_size is not None and batch_size < 1):
             raise DatasleuthError("depth, repeats and batch_size must be >= 1; use e.g. "
@@ -201,7 +220,8 @@ class LiSSA(_Iterative):
         if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
             raise DatasleuthError("LiSSA samples mini-batches: pass a map-style dataset (with "
                                   "__getitem__ and __len__) or a DataLoader over one")
-        super().__init__(model, task, layers, damping, reference, block_diagonal)
+        super().__init__(model, task, layers, damping, reference, block_diagonal, damping_scale)
+        self.warn_residual = warn_residual
         self.dataset, self.collate = train, collate_fn or default_collate
         self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
         self.scale, self.seed, self.power_iterations = scale, seed, power_iterations
@@ -245,17 +265,30 @@ class LiSSA(_Iterative):
 
     def solve(self, v: Tensor) -> Tensor:
         """Estimate of (G + λI)⁻¹ v for each row of ``v`` (B, D)."""
-        op = self._operator()
-        b = v.to(op.damping.dtype)  # (B, D)
+        full = self._full()
         with isolated(self.model):
-            full = self._full() if self.batch_size is None or self.scale is None else []
+            op = self._operator(full)
+            b = v.to(op.damping.dtype)  # (B, D)
             alpha = self.scale if self.scale is not None else 1.0 / (
                 2.0 * (self._largest_eigenvalue(op, full) + float(op.damping.max())))
             generator = torch.Generator().manual_seed(self.seed)
             est = torch.stack([self._recursion(op, b, alpha, full, generator)
                                for _ in range(self.repeats)])  # (R, B, D)
-        mean = est.mean(0)  # (B, D)
-        spread = (est.std(0, correction=0).norm(dim=1)
-                  / mean.norm(dim=1).clamp_min(torch.finfo(mean.dtype).tiny))  # (B,)
-        self.info = LiSSAInfo(alpha, self.depth, self.repeats, spread)
+            mean = est.mean(0)  # (B, D)
+            residual = None
+            if self.warn_residual is not None:  # one more pass over the data
+                residual = _relative_residual(b, op.mean(full, mean))  # (B,)
+        tiny = torch.finfo(mean.dtype).tiny
+        spread = est.std(0, correction=0).norm(dim=1) / mean.norm(dim=1).clamp_min(tiny)
+        self.info = LiSSAInfo(alpha, self.depth, self.repeats, spread, residual)
+        if residual is not None and float(residual.max()) > self.warn_residual:
+            warnings.warn(f"LiSSA has not converged: relative residual up to "
+                          f"{float(residual.max()):.3g} (> {self.warn_residual}); raise depth "
+                          "(the error shrinks like (1 - scale*damping)^depth) or the damping, "
+                          "or use ConjugateGradient", RuntimeWarning, stacklevel=2)
         return mean.to(v.dtype)
+
+
+def _relative_residual(b: Tensor, applied: Tensor) -> Tensor:
+    """‖b − Ax‖ / ‖b‖ per row, (B,), from ``applied`` = Ax."""
+    return (b - applied).norm(dim=1) / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)

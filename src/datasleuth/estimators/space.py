@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.estimators.outputs import OutputTask, output_adapter
 from datasleuth.layers import TrackedLayer, layers_by_name, resolve_layers, suspend_capture
-from datasleuth.preconditioner import resolve_damping
+from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.streaming import evaluation
 from datasleuth.task import Task
 from datasleuth.utils import to_device
@@ -42,7 +43,8 @@ __all__ = [
     "isolated",
 ]
 
-ReferenceDamping = float | str | Mapping[str, float]  # λ, {layer: λ_ℓ} or "match"
+# λ, {layer: λ_ℓ}, "match" (a fitted curvature's λ_ℓ) or None (scale × mean eigenvalue)
+ReferenceDamping = float | str | Mapping[str, float] | None
 CHUNK = 256  # vectors pushed through the curvature at once when building it densely
 
 
@@ -82,25 +84,35 @@ class GradientLayout:
 
     def damping_vector(
         self, damping: ReferenceDamping, reference: Curvature | None, dtype: torch.dtype,
-        device: torch.device | str,
+        device: torch.device | str, means: Mapping[str, float] | None = None,
+        scale: float = DEFAULT_DAMPING_SCALE,
     ) -> Tensor:
         """(D,) damping λ_ℓ(i) of the layer holding each coordinate (docs/method.md §3, §7).
 
-        ``damping``: a number for every layer, a mapping {layer: λ_ℓ}, or ``"match"``
+        ``damping``: a number for every layer, a mapping {layer: λ_ℓ}, ``"match"``
         for the λ_ℓ of the fitted ``reference`` curvature, so that an exact estimate and
-        EK-FAC solve the same damped system. Each λ_ℓ goes through
-        :func:`~datasleuth.preconditioner.resolve_damping`; zero is allowed.
+        EK-FAC solve the same damped system, or ``None`` for ``scale`` × the mean
+        eigenvalue of each layer's block G_ℓ (``means``), EK-FAC's own rule. Each λ_ℓ
+        goes through :func:`~datasleuth.preconditioner.resolve_damping`; zero is allowed
+        for explicit numbers.
         """
         per_layer = self._per_layer(damping, reference)
         vec = torch.empty(self.dim, dtype=dtype, device=device)  # (D,)
         for n, sl in zip(self.names, self.slices):
-            vec[sl] = resolve_damping(per_layer, n, allow_zero=True)
+            mean = None if means is None else means[n]
+            vec[sl] = resolve_damping(per_layer, n, mean, scale, allow_zero=per_layer is not None)
         return vec
+
+    def layer_means(self, diagonal: Tensor) -> dict[str, float]:
+        """{layer: mean of ``diagonal`` (D,) over its coordinates}: tr(G_ℓ)/D_ℓ from diag G."""
+        return {n: float(diagonal[sl].mean()) for n, sl in zip(self.names, self.slices)}
 
     def _per_layer(
         self, damping: ReferenceDamping, reference: Curvature | None
-    ) -> float | Mapping[str, float]:
+    ) -> float | Mapping[str, float] | None:
         """``damping`` with "match" turned into the reference's {layer: λ_ℓ}, checked."""
+        if damping is None:
+            return None
         if isinstance(damping, str):
             if damping != "match":
                 raise DatasleuthError(f"damping must be a number, a mapping or 'match', "
@@ -171,10 +183,12 @@ class ParameterSpace:
         """θs: the current canonical parameters, flattened, (D,)."""
         return torch.cat([la.canonical_weight().detach().reshape(-1) for la in self.layers])
 
-    def damping(self, damping: ReferenceDamping, reference: Curvature | None) -> Tensor:
+    def damping(self, damping: ReferenceDamping, reference: Curvature | None,
+                means: Mapping[str, float] | None = None,
+                scale: float = DEFAULT_DAMPING_SCALE) -> Tensor:
         """(D,) λ per coordinate (:meth:`GradientLayout.damping_vector`), on the model."""
         p = next(self.model.parameters())
-        return self.layout.damping_vector(damping, reference, p.dtype, p.device)
+        return self.layout.damping_vector(damping, reference, p.dtype, p.device, means, scale)
 
     def parameters(self, theta: Tensor) -> dict[str, Tensor]:
         """Parameter dict for functional_call: tracked layers from θ, the rest frozen."""
@@ -266,6 +280,19 @@ class CurvatureOperator:
             rows.append(part)
         return torch.cat(rows).t(), count
 
+    def layer_means(self, batches: Iterable[Any], probes: int = 32, seed: int = 0
+                    ) -> dict[str, float]:
+        """{layer: tr(G_ℓ)/D_ℓ}, estimated as E[zᵀG_ℓz]/D_ℓ over ``probes`` seeded
+        Rademacher vectors z (Hutchinson 1989): one pass over ``batches``."""
+        g = torch.Generator().manual_seed(seed)
+        z = (torch.randint(0, 2, (probes, self.space.dim), generator=g) * 2 - 1).to(
+            self.damping)  # (K, D)
+        gz, count = self.curvature(batches, z)
+        if count == 0:
+            raise DatasleuthError("the training data yielded no examples; give a non-empty "
+                                  "loader or dataset")
+        return self.space.layout.layer_means((z * gz).mean(0) / count)
+
     def mean(self, batches: Iterable[Any], v: Tensor) -> Tensor:
         """(G + diag(λ)) v with G averaged over the examples of ``batches``."""
         total, count = self.curvature(batches, v)
@@ -281,9 +308,11 @@ def isolated(model: nn.Module) -> Iterator[None]:
 
     :func:`~datasleuth.scoring.self_influence` calls ``precondition`` while its capture
     hooks are installed on the tracked layers; the estimators' own forward passes must
-    not reach those hooks (they would see a layer run twice).
+    not reach those hooks (they would see a layer run twice). Attention runs its plain
+    math kernel: the fused ones (flash, memory-efficient) have no forward-mode derivative,
+    which Gauss-Newton-vector products need.
     """
-    with evaluation(model), suspend_capture():
+    with evaluation(model), suspend_capture(), sdpa_kernel([SDPBackend.MATH]):
         yield
 
 

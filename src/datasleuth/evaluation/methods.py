@@ -1,4 +1,11 @@
-"""The baselines of the evaluation suite, beside the influence estimators (METHOD.md §7, §10).
+"""The estimators and baselines of the evaluation suite (METHOD.md §7, §9, §10).
+
+Each influence estimator is one entry of :data:`ESTIMATORS`: a name and a function that
+builds a :class:`~datasleuth.preconditioner.Preconditioner` from a :class:`_Context`
+(the recipe's problem, its layers and damping; the EK-FAC fit shared by the reference
+estimators and the refined ones). ``ekfac_shared_labels`` is EK-FAC fitted as before each
+pass drew its own labels; ``ekfac_refined`` and ``ekfac_astra`` refine EK-FAC
+(:mod:`datasleuth.refine`).
 
 An influence estimator of the suite is a preconditioner scored by ``pairwise_scores``
 (:data:`datasleuth.evaluation.suite.ESTIMATORS`; the gradient dot product is its
@@ -29,11 +36,15 @@ from datasleuth.baselines import (
     module_input_representation,
     representation_scores,
 )
+from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.evaluation.recipes import Problem
+from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.layers import TrackedLayer
+from datasleuth.preconditioner import Preconditioner
 
-__all__ = ["BASELINES", "BaselineSpec", "representation_module", "token_rows"]
+__all__ = ["BASELINES", "BaselineSpec", "DEFAULT_ESTIMATORS", "ESTIMATORS", "EstimatorSpec",
+           "REFINE_STEPS", "representation_module", "token_rows"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +115,126 @@ BASELINES: dict[str, BaselineSpec] = {
                      "ranking)", _bm25),
     )
 }
+
+
+REFINE_STEPS = 20  # refinement steps of the suite's refined EK-FAC estimators
+
+
+@dataclass
+class _Context:
+    """What building an estimator needs; the EK-FAC reference is fitted once, on demand."""
+
+    problem: Problem
+    layers: list[TrackedLayer]
+    damping: float | None
+    _reference: Curvature | None = None
+
+    def reference(self) -> Curvature:
+        """The EK-FAC fit whose per-layer damping the reference estimators match."""
+        if self._reference is None:
+            self._reference = self.curvature("ekfac")
+        return self._reference
+
+    def curvature(self, kind: str, shared_labels: bool = False) -> Curvature:
+        p = self.problem
+        config = FitConfig(curvature=kind, damping=self.damping, shared_labels=shared_labels)
+        return fit_curvature(p.model, p.task, p.loader("train"), self.layers, config,
+                             progress=False)
+
+    def reference_damping(self) -> float | str:
+        return self.damping if self.damping is not None else "match"
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One estimator of the suite: ``make(context, options) -> Preconditioner``."""
+
+    name: str
+    description: str
+    make: Callable[[_Context, dict[str, Any]], Preconditioner]
+
+
+def _curvature_spec(kind: str, description: str) -> EstimatorSpec:
+    def make(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+        curvature = ctx.curvature(kind)
+        if kind == "ekfac" and ctx._reference is None:
+            ctx._reference = curvature
+        return curvature
+
+    return EstimatorSpec(kind, description, make)
+
+
+def _exact(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    from datasleuth.estimators import ExactInfluence
+
+    p = ctx.problem
+    return ExactInfluence.fit(p.model, p.task, p.loader("train"), ctx.layers,
+                              damping=ctx.reference_damping(), reference=ctx.reference(),
+                              **options)
+
+
+def _exact_layers(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    """Exact GGN blocks of each layer, cross-layer blocks dropped (what EK-FAC approximates)."""
+    return _exact(ctx, {"block_diagonal": True, **options})
+
+
+def _cg(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    from datasleuth.estimators import ConjugateGradient
+
+    p = ctx.problem
+    return ConjugateGradient(p.model, p.task, p.loader("train"), ctx.layers,
+                             damping=ctx.reference_damping(), reference=ctx.reference(),
+                             **options)
+
+
+def _lissa(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    from datasleuth.estimators import LiSSA
+
+    p = ctx.problem
+    return LiSSA(p.model, p.task, p.loader("train"), ctx.layers,
+                 damping=ctx.reference_damping(), reference=ctx.reference(), **options)
+
+
+def _shared_labels(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+    """EK-FAC as fitted before each pass drew its own labels (FitConfig.shared_labels)."""
+    return ctx.curvature("ekfac", shared_labels=True)
+
+
+def _refined(scheme: str, steps: int, batches: int | None
+             ) -> Callable[[_Context, dict[str, Any]], Preconditioner]:
+    """The suite's EK-FAC refined by ``scheme`` (METHOD.md §9), from the shared EK-FAC fit."""
+    def make(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
+        from datasleuth.refine import RefineConfig, RefinedInfluence
+
+        p = ctx.problem
+        config = RefineConfig(**{"steps": steps, "scheme": scheme, "batches": batches,
+                                 **options})
+        return RefinedInfluence(p.model, p.task, ctx.reference(), list(p.loader("train")),
+                                config)
+
+    return make
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {
+    spec.name: spec
+    for spec in (
+        _curvature_spec("identity", "gradient dot product (no curvature)"),
+        _curvature_spec("diagonal", "diagonal Fisher"),
+        _curvature_spec("kfac", "K-FAC"),
+        _curvature_spec("ekfac", "EK-FAC (Grosse et al. 2023)"),
+        EstimatorSpec("exact_ggn", "dense damped Gauss-Newton, Cholesky solve", _exact),
+        EstimatorSpec("exact_ggn_layers", "exact per-layer Gauss-Newton blocks "
+                      "(block-diagonal, as EK-FAC)", _exact_layers),
+        EstimatorSpec("cg", "conjugate gradient with GGN-vector products", _cg),
+        EstimatorSpec("lissa", "LiSSA recursion (Agarwal et al. 2017)", _lissa),
+        EstimatorSpec("ekfac_shared_labels", "EK-FAC with the same sampled labels in both "
+                      "fitting passes (before the fix)", _shared_labels),
+        EstimatorSpec("ekfac_refined", f"EK-FAC refined by {REFINE_STEPS} steps of "
+                      "EK-FAC-preconditioned CG on the per-layer GGN blocks",
+                      _refined("cg", REFINE_STEPS, None)),
+        EstimatorSpec("ekfac_astra", f"EK-FAC refined by {REFINE_STEPS} stochastic "
+                      "preconditioned Richardson steps, one batch each (ASTRA)",
+                      _refined("richardson", REFINE_STEPS, 1)),
+    )
+}
+DEFAULT_ESTIMATORS: tuple[str, ...] = tuple(ESTIMATORS)

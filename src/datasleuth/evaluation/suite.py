@@ -42,13 +42,19 @@ import torch
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.evaluation.lds import lds, run_lds_experiments
-from datasleuth.evaluation.methods import BASELINES
+from datasleuth.evaluation.methods import (
+    BASELINES,
+    DEFAULT_ESTIMATORS,
+    ESTIMATORS,
+    EstimatorSpec,
+    _Context,
+)
 from datasleuth.evaluation.metrics import compare_detectors, correlations
 from datasleuth.evaluation.recipes import Problem, Recipe, load_recipe
 from datasleuth.evaluation.retrieval import retrieval_section, tail_patch_section
 from datasleuth.evaluation.sparsity import sparsity_report
 from datasleuth.evaluation.tail_patch import TailPatchConfig
-from datasleuth.fitting import FitConfig, fit_curvature, resolve_layers
+from datasleuth.fitting import resolve_layers
 from datasleuth.layers import TrackedLayer
 from datasleuth.scoring import Preconditioner, pairwise_scores, self_influence
 from datasleuth.storage import write_json
@@ -64,97 +70,6 @@ __all__ = [
 ]
 
 FORMAT = "datasleuth.evaluate.v1"
-
-
-@dataclass
-class _Context:
-    """What building an estimator needs; the EK-FAC reference is fitted once, on demand."""
-
-    problem: Problem
-    layers: list[TrackedLayer]
-    damping: float | None
-    _reference: Curvature | None = None
-
-    def reference(self) -> Curvature:
-        """The EK-FAC fit whose per-layer damping the reference estimators match."""
-        if self._reference is None:
-            self._reference = self.curvature("ekfac")
-        return self._reference
-
-    def curvature(self, kind: str) -> Curvature:
-        p = self.problem
-        return fit_curvature(p.model, p.task, p.loader("train"), self.layers,
-                             FitConfig(curvature=kind, damping=self.damping), progress=False)
-
-    def reference_damping(self) -> float | str:
-        return self.damping if self.damping is not None else "match"
-
-
-@dataclass(frozen=True)
-class EstimatorSpec:
-    """One estimator of the suite: ``make(context, options) -> Preconditioner``."""
-
-    name: str
-    description: str
-    make: Callable[[_Context, dict[str, Any]], Preconditioner]
-
-
-def _curvature_spec(kind: str, description: str) -> EstimatorSpec:
-    def make(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
-        curvature = ctx.curvature(kind)
-        if kind == "ekfac" and ctx._reference is None:
-            ctx._reference = curvature
-        return curvature
-
-    return EstimatorSpec(kind, description, make)
-
-
-def _exact(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
-    from datasleuth.estimators import ExactInfluence
-
-    p = ctx.problem
-    return ExactInfluence.fit(p.model, p.task, p.loader("train"), ctx.layers,
-                              damping=ctx.reference_damping(), reference=ctx.reference(),
-                              **options)
-
-
-def _exact_layers(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
-    """Exact GGN blocks of each layer, cross-layer blocks dropped (what EK-FAC approximates)."""
-    return _exact(ctx, {"block_diagonal": True, **options})
-
-
-def _cg(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
-    from datasleuth.estimators import ConjugateGradient
-
-    p = ctx.problem
-    return ConjugateGradient(p.model, p.task, p.loader("train"), ctx.layers,
-                             damping=ctx.reference_damping(), reference=ctx.reference(),
-                             **options)
-
-
-def _lissa(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
-    from datasleuth.estimators import LiSSA
-
-    p = ctx.problem
-    return LiSSA(p.model, p.task, p.loader("train"), ctx.layers,
-                 damping=ctx.reference_damping(), reference=ctx.reference(), **options)
-
-
-ESTIMATORS: dict[str, EstimatorSpec] = {
-    spec.name: spec
-    for spec in (
-        _curvature_spec("identity", "gradient dot product (no curvature)"),
-        _curvature_spec("diagonal", "diagonal Fisher"),
-        _curvature_spec("kfac", "K-FAC"),
-        _curvature_spec("ekfac", "EK-FAC (Grosse et al. 2023)"),
-        EstimatorSpec("exact_ggn", "dense damped Gauss-Newton, Cholesky solve", _exact),
-        EstimatorSpec("exact_ggn_layers", "exact per-layer Gauss-Newton blocks "
-                      "(block-diagonal, as EK-FAC)", _exact_layers),
-        EstimatorSpec("cg", "conjugate gradient with GGN-vector products", _cg),
-        EstimatorSpec("lissa", "LiSSA recursion (Agarwal et al. 2017)", _lissa),
-    )
-}
-DEFAULT_ESTIMATORS: tuple[str, ...] = tuple(ESTIMATORS)
 
 
 def parse_estimators(names: str | Iterable[str]) -> list[str]:
@@ -353,6 +268,11 @@ def _fit_and_score(ctx: _Context, names: list[str], say: Callable[[str], None]) 
             "seconds": {"fit": fitted - start, "score": done - fitted, "total": done - start},
             "damping": _dampings(precond, ctx),
         }
+        info = getattr(precond, "info", None)
+        if hasattr(info, "summary"):  # refined EK-FAC: products and residuals per query
+            run.results[name]["refine"] = info.summary()
+        elif isinstance(getattr(info, "residual", None), torch.Tensor):  # CG, LiSSA
+            run.results[name]["max_residual"] = float(info.residual.max())
     return run
 
 

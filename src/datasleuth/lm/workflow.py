@@ -53,9 +53,11 @@ from datasleuth.lm.pipeline import (
     run_trace,
 )
 from datasleuth.lm.queries import encode_queries, load_queries
+from datasleuth.lm.refinement import record_refinement, refine_on_corpus
 from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.memory import print_estimate
+from datasleuth.refine import RefineConfig
 from datasleuth.scale.index import GradientIndex, IndexConfig
 from datasleuth.storage import check_writable
 
@@ -226,8 +228,11 @@ class TraceOptions:
     all_scores: bool = False
     report: bool = True
     method: str | None = None
+    refine: RefineConfig | None = None  # METHOD.md §9: refine the fitted curvature
 
     def __post_init__(self) -> None:
+        if self.refine is not None and self.method and not trace_method(self.method).influence:
+            raise DatasleuthError(f"--refine refines influence; drop it for --method {self.method}")
         if isinstance(self.queries, (str, os.PathLike)):
             _set(self, "queries", os.fspath(self.queries))
         _set(self, "out", os.fspath(self.out))
@@ -413,9 +418,13 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
         curvature = _fit(inputs, load.workdir, fitting, progress, len(queries), stage.rank)
         if method.precondition is not None:  # e.g. a refined solver started from the fit
             curvature = method.precondition(inputs.model, inputs.corpus, curvature)
+        if options.refine is not None:
+            curvature = refine_on_corpus(inputs.model, inputs.corpus, curvature, options.refine,
+                                         fitting.batch_size, fitting.max_sequences)
     else:
         curvature = None
     results = _trace(inputs, curvature, method, queries, load, options, progress)
+    record_refinement(results, curvature, options.results_path)
     if options.report and world()[0] == 0 and curvature is None:  # else written with results
         from datasleuth.report import render_report
 
