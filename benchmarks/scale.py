@@ -11,7 +11,7 @@ the corpus (``loss.backward()`` into every weight):
 * query batching (:func:`datasleuth.scale.scan_low_rank`, rank ``--rank``) with 1, 16
   and 256 queries on the token path of Grosse et al. (the default), and with 256
   queries on the path that rebuilds chunks of L R;
-* the index (METHOD.md §11), for 16/32/64/128-wide projections and each whitening
+* the index (docs/method.md §11), for 16/32/64/128-wide projections and each whitening
   (``none`` = LoGra, projected curvature refitted; ``kron`` = Kronecker-factored root;
   ``ekfac`` = EK-FAC eigenvalue root): bytes per sequence, build time, and agreement
   with full EK-FAC over ``--queries`` held-out queries (Pearson r per query, averaged;

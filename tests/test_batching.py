@@ -1,4 +1,4 @@
-"""Query batching with low-rank query gradients (METHOD.md §4) against full-rank scoring."""
+"""Query batching with low-rank query gradients (docs/method.md §4) against full-rank scoring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the BM25 candidate filter (METHOD.md §5, Grosse et al. 2023 §3.2.1)."""
+"""Tests for the BM25 candidate filter (docs/method.md §5, Grosse et al. 2023 §3.2.1)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ TOY: list[list[int]] = [
 def brute_force_scores(
     corpus: list[list[int]], query: list[int], *, k1: float, b: float, ignore: set[int]
 ) -> np.ndarray:
-    """The METHOD.md §5 formula written out loop by loop, in float64."""
+    """The docs/method.md §5 formula written out loop by loop, in float64."""
     docs = [set(seq) - ignore for seq in corpus]
     count = len(docs)
     avg_len = sum(len(d) for d in docs) / count

@@ -1,4 +1,4 @@
-"""The evaluation suite, its recipes and ``datasleuth evaluate`` (METHOD.md §8).
+"""The evaluation suite, its recipes and ``datasleuth evaluate`` (docs/method.md §8).
 
 The test recipe is ridge regression with a closed-form fit: the damped GGN of the
 squared loss is exactly the Hessian X̄ᵀX̄/N + λI of the training objective, so exact

@@ -1,4 +1,4 @@
-"""Ground truth (METHOD.md §8): PBRF responses and leave-one-out retraining."""
+"""Ground truth (docs/method.md §8): PBRF responses and leave-one-out retraining."""
 
 from __future__ import annotations
 

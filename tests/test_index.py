@@ -1,4 +1,4 @@
-"""The projected-gradient index (METHOD.md §7, LoGra) against dense oracles and itself."""
+"""The projected-gradient index (docs/method.md §7, LoGra) against dense oracles and itself."""
 
 from __future__ import annotations
 

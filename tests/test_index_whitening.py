@@ -1,4 +1,4 @@
-"""Whitened (metric-preserving) index rows and projection sizes (METHOD.md §11)."""
+"""Whitened (metric-preserving) index rows and projection sizes (docs/method.md §11)."""
 
 from __future__ import annotations
 

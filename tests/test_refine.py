@@ -51,7 +51,7 @@ def test_fitting_passes_draw_their_own_seeded_labels(mlp_data, shared):
         torch.testing.assert_close(repeat.layers[name].dense(), layer.dense(), rtol=0, atol=0)
 
 
-# -- refinement (METHOD.md §9) ---------------------------------------------------------
+# -- refinement (docs/method.md §9) ---------------------------------------------------------
 
 
 def _joint_ggn(model, layers, examples):

@@ -3,7 +3,7 @@
 Every variant (identity, diagonal, K-FAC, EK-FAC) is stored the same way: an eigenbasis
 of the layer's input side Q_A ((M+1)×(M+1)) and output side Q_S (P×P), possibly
 block-diagonal or absent (= the standard basis), and eigenvalues Λ (P×(M+1)) in that
-Kronecker basis. The inverse-Hessian-vector product is then (METHOD.md §3;
+Kronecker basis. The inverse-Hessian-vector product is then (docs/method.md §3;
 George et al. 2018; Grosse et al. 2023, Eq. 20-21)
 
     (G_ℓ + λ_ℓ I)⁻¹ V = Q_S [ (Q_Sᵀ V Q_A) ⊘ (Λ + λ_ℓ) ] Q_Aᵀ.
@@ -122,7 +122,7 @@ class LayerCurvature:
         return 1.0 / (self.eigenvalues.to(dtype) + self.damping)
 
     def precondition(self, v: Tensor) -> Tensor:
-        """(G_ℓ + λ_ℓ I)⁻¹ V for V of shape (..., P, M+1) (METHOD.md §3)."""
+        """(G_ℓ + λ_ℓ I)⁻¹ V for V of shape (..., P, M+1) (docs/method.md §3)."""
         return self.unrotate(self.rotate(v) * self.inverse_eigenvalues(v.dtype))
 
     def quadratic(self, v: Tensor) -> Tensor:
@@ -185,7 +185,7 @@ def _cost(basis: Basis | None) -> int:
 
 def rotated_gradients(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None,
                       per_token: bool | None = None) -> Tensor:
-    """Q_Sᵀ DW̄_b Q_A for every sequence b, DW̄_b = Σ_t Ds_t ā_tᵀ: (B, P, M+1) (METHOD.md §3).
+    """Q_Sᵀ DW̄_b Q_A for every sequence b, DW̄_b = Σ_t Ds_t ā_tᵀ: (B, P, M+1) (docs/method.md §3).
 
     Two associations of the same product, chosen by multiply-add count unless
     ``per_token`` fixes it: rotating every token, Σ_t (Q_Sᵀ Ds_t)(Q_Aᵀ ā_t)ᵀ, costs

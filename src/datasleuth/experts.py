@@ -1,4 +1,4 @@
-"""Mixture-of-experts weights tracked per expert (METHOD.md §2).
+"""Mixture-of-experts weights tracked per expert (docs/method.md §2).
 
 transformers 5.x stores the experts of a sparse MoE block (Mixtral, Qwen2-MoE, OLMoE,
 ...) as fused 3-D parameters, e.g. ``gate_up_proj`` (E, 2F, D) and ``down_proj``

@@ -1,7 +1,7 @@
 """Non-finite values caught where they are made, named by layer and stage.
 
 Influence scores are inner products of gradients with a preconditioner fitted from the
-same gradients (METHOD.md §1, §3), so one NaN or Inf in a weight, an activation or a
+same gradients (docs/method.md §1, §3), so one NaN or Inf in a weight, an activation or a
 gradient spreads to every factor, eigenvalue and score downstream, and a ranking made of
 them looks fine while meaning nothing. These checks run where values are made, cheaply:
 once on the weights before any pass, once per batch on each layer's *running sums*

@@ -1,4 +1,4 @@
-"""Fit per-layer curvature by streaming over a data loader (METHOD.md §3).
+"""Fit per-layer curvature by streaming over a data loader (docs/method.md §3).
 
 Pass 1 (K-FAC, EK-FAC): accumulate the token-averaged factors A = E[ā āᵀ] and
 S = E[Ds Dsᵀ] (optionally only their O diagonal blocks), then eigendecompose them,

@@ -1,4 +1,4 @@
-"""Attention influence per head: a layer's score split over its heads (METHOD.md §6).
+"""Attention influence per head: a layer's score split over its heads (docs/method.md §6).
 
 For an attention projection the layer's score is an inner product over the coordinates
 of its gradient, ⟨Ṽ, DW̄⟩ with Ṽ = (G_ℓ + λ_ℓ I)⁻¹ ∇f the preconditioned query gradient

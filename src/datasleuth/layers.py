@@ -2,7 +2,7 @@
 
 Influence with block-diagonal curvature needs, per tracked linear layer and per token,
 the homogeneous input ā = (a, 1) and the pseudo-gradient of the output pre-activation
-Ds = ∂(objective)/∂s (METHOD.md §2). The per-example weight gradient is then
+Ds = ∂(objective)/∂s (docs/method.md §2). The per-example weight gradient is then
 DW̄ = Σ_t Ds_t ā_tᵀ (shape P×(M+1)), never materialised for the whole model.
 
 Supported layers: ``torch.nn.Linear`` (weight P×M), transformers' GPT-2 ``Conv1D``

@@ -1,6 +1,6 @@
 """Memory a run will need, stated before it starts; factor blocks that fit a budget.
 
-Counted per tracked layer of gradient shape (P, M+1) (METHOD.md §3, §4):
+Counted per tracked layer of gradient shape (P, M+1) (docs/method.md §3, §4):
 
 * **factors** (fit): the running sums of A and S, Σ m_i² + Σ p_i² numbers over their
   diagonal blocks, and of the eigenvalues Λ, P (M+1), all float64 (8 bytes); the fitted

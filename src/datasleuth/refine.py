@@ -1,4 +1,4 @@
-"""Refined inverse-curvature products: EK-FAC as the start and the preconditioner (METHOD.md §9).
+"""Refined inverse-curvature products: EK-FAC as start and preconditioner (docs/method.md §9).
 
 EK-FAC gives x₀ = M⁻¹v ≈ (G + λI)⁻¹v, with M the damped EK-FAC matrix. Refinement
 improves x with Gauss-Newton-vector products Gu = (1/N) Σ_n J_nᵀ H_n J_n u
@@ -201,7 +201,7 @@ class RefinedInfluence:
                           for s in range(0, x.shape[0], _VECTORS)])
 
     def _ekfac(self, r: Tensor) -> Tensor:
-        """M⁻¹ r for rows of ``r`` (K, D): EK-FAC layer by layer (METHOD.md §3)."""
+        """M⁻¹ r for rows of ``r`` (K, D): EK-FAC layer by layer (docs/method.md §3)."""
         grads = self.layout.unflatten(r)
         return self.layout.flatten(self._curvature.precondition(grads))
 

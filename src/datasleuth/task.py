@@ -3,9 +3,9 @@
 A task turns a batch into per-example scalars (all of shape (B,)):
 
 * ``loss``: the training loss L(z, θ), **summed** over the tokens/outputs of each example
-  (METHOD.md §1: only the sum makes softmax + cross-entropy a matching loss);
+  (docs/method.md §1: only the sum makes softmax + cross-entropy a matching loss);
 * ``sampled_loss``: the same loss with labels ŷ drawn from the model's own predictive
-  distribution, whose gradient is the pseudo-gradient of the true Fisher (METHOD.md §3);
+  distribution, whose gradient is the pseudo-gradient of the true Fisher (docs/method.md §3);
 * ``measurement``: the query function f(θ), e.g. log p(completion | prompt).
 
 and, optionally, ``mask``: which positions of the layer inputs are real (not padding).

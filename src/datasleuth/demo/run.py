@@ -4,15 +4,14 @@ Offline and on CPU. The demo world (:mod:`datasleuth.demo.world`) ships with the
 a corpus into which a few documents teaching an undesirable completion were planted (in
 paraphrase), keyword-rich decoys teaching the safe answer, and a small GPT-2 trained on it.
 The demo traces the completion with the same library calls a user makes
-(:func:`~datasleuth.lm.workflow.trace_queries`), once per method — EK-FAC influence, the
-refined estimator where the installed version has one, representation similarity and
+(:func:`~datasleuth.lm.workflow.trace_queries`), once per method — EK-FAC influence,
+EK-FAC refined by preconditioned CG (``trace --refine``), representation similarity and
 BM25 — one document per sequence, and prints where the planted documents land in each
 ranking (top and bottom). ``--rebuild`` trains the world from scratch first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from importlib import resources
@@ -42,21 +41,14 @@ def shipped_world() -> DemoWorld:
     return load_demo_world(Path(str(resources.files("datasleuth") / "data" / SHIPPED_WORLD)))
 
 
-def _refine_field() -> str | None:
-    """HOOK (refined estimator): the :class:`TraceOptions` field that turns on ``trace
-    --refine``, when the installed version has one; ``None`` leaves it out of the demo."""
-    from datasleuth.lm.workflow import TraceOptions
-
-    names = {f.name for f in dataclasses.fields(TraceOptions)}
-    return next((n for n in ("refine", "refined") if n in names), None)
+DEMO_REFINE_STEPS = 5
+"""Preconditioned-CG steps of the demo's refined EK-FAC (docs/method.md §9)."""
 
 
 def demo_methods() -> dict[str, str]:
-    """The demo's methods in display order: EK-FAC, refined EK-FAC (when available), the
-    baselines."""
-    methods = {"ekfac": DEMO_METHODS["ekfac"]}
-    if _refine_field() is not None:
-        methods["ekfac-refined"] = "influence (EK-FAC, refined)"
+    """The demo's methods in display order: EK-FAC, refined EK-FAC, the baselines."""
+    methods = {"ekfac": DEMO_METHODS["ekfac"],
+               "ekfac-refined": f"influence (EK-FAC + {DEMO_REFINE_STEPS} CG steps)"}
     methods.update({k: v for k, v in DEMO_METHODS.items() if k != "ekfac"})
     return methods
 
@@ -84,7 +76,9 @@ def _trace(world: DemoWorld, out: Path, method: str, top_k: int, progress: bool
     extra: dict[str, Any] = {}
     name = method
     if method == "ekfac-refined":
-        extra[_refine_field() or "refine"] = True  # HOOK: trace --refine
+        from datasleuth.refine import RefineConfig
+
+        extra["refine"] = RefineConfig(steps=DEMO_REFINE_STEPS)
         name = "ekfac"
     options = TraceOptions(queries=world.queries_path, out=out / method, method=name,
                            config=TraceConfig(top_k=top_k, bottom_k=top_k, batch_size=16),
@@ -127,10 +121,11 @@ def _echo_summary(world: DemoWorld, found: dict[str, dict[str, list[int]]],
     n = len(world.planted)
     click.echo(f"\nplanted documents ({n}) among each method's {top_k} highest and "
                f"{top_k} lowest scores:")
+    width = max(len(label) for label in labels.values())
     for method, ranks in found.items():
         top = ", ".join(f"#{r}" for r in ranks["top"]) or "none"
         low = len(ranks["bottom"])
-        click.echo(f"  {labels[method]:<27} top {len(ranks['top'])} of {n} ({top})"
+        click.echo(f"  {labels[method]:<{width}} top {len(ranks['top'])} of {n} ({top})"
                    + (f"; {low} among the most negative" if low else ""))
 
 

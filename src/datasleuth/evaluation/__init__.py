@@ -1,4 +1,4 @@
-"""Evaluation of influence estimates (METHOD.md §8, §10): correlations, LDS, detection,
+"""Evaluation of influence estimates (docs/method.md §8, §10): correlations, LDS, detection,
 sparsity, retrieval of known teaching examples and tail-patch."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Ground truth for influence estimates on small models (METHOD.md §8).
+"""Ground truth for influence estimates on small models (docs/method.md §8).
 
 Two references an estimator is scored against (with :func:`compare`):
 
@@ -9,7 +9,7 @@ Two references an estimator is scored against (with :func:`compare`):
 
   and report (f(θ_ε) − f(θs)) / ε. Linearising the stationarity condition at θs gives
   (G + λI) Δθ = −ε ∇L(z_m), because the KL term has zero gradient at θs and its Hessian
-  there is the Gauss-Newton matrix G (METHOD.md §1). Hence
+  there is the Gauss-Newton matrix G (docs/method.md §1). Hence
 
       (f(θ_ε) − f(θs)) / ε  →  ∇fᵀ (G + λI)⁻¹ (−∇L(z_m))   as ε → 0,
 

@@ -1,4 +1,4 @@
-"""Linear datamodeling score (LDS) and its retraining driver (METHOD.md §8).
+"""Linear datamodeling score (LDS) and its retraining driver (docs/method.md §8).
 
 Park et al. 2023 (TRAK), Eq. 5 / Def. 3: draw J random subsets S_j of the training set
 (each holding a fraction α = 0.5 of it), train a model on each, and measure every query
@@ -91,7 +91,7 @@ def make_subsets(n_train: int, n_subsets: int, fraction: float = 0.5, seed: int 
 
 
 def lds(scores: object, subsets: object, outputs: object) -> LDSResult:
-    """Linear datamodeling score (METHOD.md §8; Park et al. 2023, Def. 3).
+    """Linear datamodeling score (docs/method.md §8; Park et al. 2023, Def. 3).
 
     ``scores``: (Q, N) attribution scores (or (N,) for one query). ``subsets``: (J, N)
     bool masks. ``outputs``: measured query outputs of the model trained on each
@@ -279,7 +279,8 @@ def run_lds_experiments(
     save_states: bool = False,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Retrain on random subsets and measure the queries, with a resumable cache (METHOD.md §8).
+    """Retrain on random subsets and measure the queries, with a resumable cache
+    (docs/method.md §8).
 
     ``train_fn(indices, train_seed)`` trains a model on the training examples
     ``indices`` (sorted int64) and returns a model state; ``measure_fn(state)``

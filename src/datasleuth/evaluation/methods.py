@@ -1,4 +1,4 @@
-"""The estimators and baselines of the evaluation suite (METHOD.md §7, §9, §10).
+"""The estimators and baselines of the evaluation suite (docs/method.md §7, §9, §10).
 
 Each influence estimator is one entry of :data:`ESTIMATORS`: a name and a function that
 builds a :class:`~datasleuth.preconditioner.Preconditioner` from a :class:`_Context`
@@ -16,7 +16,7 @@ the (Q, N) scores directly (:mod:`datasleuth.baselines`):
 * ``repsim``: cosine of representations: the mean over real positions of the input of
   the model's output embedding (``get_output_embeddings()``, a language model's last
   hidden state) or, for models without one, of the last tracked layer;
-* ``bm25``: BM25 over token ids (METHOD.md §5) of the query's whole text against each
+* ``bm25``: BM25 over token ids (docs/method.md §5) of the query's whole text against each
   training sequence; needs batches with ``input_ids`` (language-model recipes).
 """
 
@@ -202,7 +202,7 @@ def _shared_labels(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
 
 def _refined(scheme: str, steps: int, batches: int | None
              ) -> Callable[[_Context, dict[str, Any]], Preconditioner]:
-    """The suite's EK-FAC refined by ``scheme`` (METHOD.md §9), from the shared EK-FAC fit."""
+    """The suite's EK-FAC refined by ``scheme`` (docs/method.md §9), from the shared EK-FAC fit."""
     def make(ctx: _Context, options: dict[str, Any]) -> Preconditioner:
         from datasleuth.refine import RefineConfig, RefinedInfluence
 

@@ -1,10 +1,10 @@
-"""Model-agnostic agreement and detection metrics (METHOD.md §8).
+"""Model-agnostic agreement and detection metrics (docs/method.md §8).
 
 * Correlations between two score vectors (an estimator against a reference such as
-  the PBRF or leave-one-out retraining, METHOD.md §8, Bae et al. 2022): Pearson and
+  the PBRF or leave-one-out retraining, docs/method.md §8, Bae et al. 2022): Pearson and
   Spearman, safe on constant or non-finite input (they return ``nan`` silently).
 * Top-k agreement: overlap of two top-k sets, recall of an exact top-k list.
-* Retrieval of known relevant examples (fact tracing, METHOD.md §10): recall@k and the
+* Retrieval of known relevant examples (fact tracing, docs/method.md §10): recall@k and the
   mean reciprocal rank of the training examples known to teach each query.
 * Mislabel / corruption detection (Koh & Liang 2017, §5.4): rank training examples by
   a score (self-influence, or a baseline such as the training loss), inspect the top
@@ -61,7 +61,7 @@ def _degenerate(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def pearson(x: object, y: object) -> float:
-    """Pearson correlation of two equally long vectors (METHOD.md §8).
+    """Pearson correlation of two equally long vectors (docs/method.md §8).
 
     Returns ``nan`` (without warnings) for fewer than two points, a constant input or
     any non-finite value.
@@ -104,7 +104,7 @@ def _rows(scores: object, name: str) -> np.ndarray:
 
 
 def correlations(scores_a: object, scores_b: object) -> dict[str, object]:
-    """Per-query Pearson and Spearman between two score matrices (METHOD.md §8).
+    """Per-query Pearson and Spearman between two score matrices (docs/method.md §8).
 
     ``scores_a`` and ``scores_b`` are (Q, N) (or (N,), treated as Q = 1). Returns
     ``{"pearson": [Q floats], "spearman": [Q floats], "mean_pearson": float,
@@ -175,7 +175,7 @@ def recall_at_k(
     1-D or (Q, ·) rows (averaged over rows). The retrieved set is the first
     ``approx_k`` approximate indices (default ``k``, i.e. classic recall@k; pass
     ``approx_k=len(candidates)`` to ask how much of the true top-k a candidate filter
-    such as METHOD.md §5 kept).
+    such as docs/method.md §5 kept).
     """
     ap = np.asarray(approx_indices)
     ex = np.asarray(exact_indices)
@@ -227,7 +227,7 @@ def relevant_ranks(scores: object, relevant: Sequence[Sequence[int]]) -> list[np
 def retrieval_scores(
     scores: object, relevant: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, object]:
-    """Recall@k and reciprocal rank of the relevant examples of each query (METHOD.md §10).
+    """Recall@k and reciprocal rank of the relevant examples of each query (docs/method.md §10).
 
     recall@k = |top-k ∩ relevant| / |relevant|; reciprocal rank = 1 / rank of the best
     ranked relevant example (its mean over queries is the MRR). Ties are broken by the

@@ -1,4 +1,4 @@
-"""Evaluation problems ("recipes"): a model, its data, and how to retrain it (METHOD.md §8).
+"""Evaluation problems ("recipes"): a model, its data, and how to retrain it (docs/method.md §8).
 
 A :class:`Recipe` says everything :func:`datasleuth.evaluation.suite.evaluate` needs:
 

@@ -1,4 +1,4 @@
-"""How concentrated is influence? Power-law tail fit and top-share (METHOD.md §8).
+"""How concentrated is influence? Power-law tail fit and top-share (docs/method.md §8).
 
 Grosse et al. 2023 (§5.2.1) find influence heavy-tailed: a few training sequences carry
 most of it. We fit a continuous power law p(x) ∝ x^(-alpha), x >= xmin, to the positive
@@ -156,7 +156,7 @@ def top_share(scores: object, fraction: float = 0.01) -> float:
 def sparsity_report(
     scores: object, fractions: Sequence[float] = (0.001, 0.01, 0.1)
 ) -> dict[str, object]:
-    """Heavy-tail summary of influence scores (METHOD.md §8), JSON-serialisable.
+    """Heavy-tail summary of influence scores (docs/method.md §8), JSON-serialisable.
 
     For 1-D scores: counts, ``top_share`` for each fraction (keyed by the fraction as
     a string) and the power-law fit (``None`` plus a ``power_law_note`` when there are

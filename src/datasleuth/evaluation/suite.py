@@ -1,4 +1,4 @@
-"""The evaluation suite: every estimator on one recipe, scored by LDS and more (METHOD.md §8).
+"""The evaluation suite: every estimator on one recipe, scored by LDS and more (docs/method.md §8).
 
 :func:`evaluate` fits each estimator on the recipe's trained model, scores every query
 against every training example, and reports per estimator
@@ -13,7 +13,7 @@ against every training example, and reports per estimator
 * for recipes with corrupted labels, mislabel detection by self-influence against the
   training-loss baseline (Koh & Liang 2017, §5.4);
 * the sparsity of the EK-FAC scores (power-law tail, top-1% share);
-* recall@k / MRR of known teaching examples and tail-patch (METHOD.md §10, retrieval.py).
+* recall@k / MRR of known teaching examples and tail-patch (docs/method.md §10, retrieval.py).
 
 Baselines (``cosine``, ``repsim``, ``bm25``; methods.py) give scores without a
 preconditioner and take part in every section that needs only scores.
@@ -180,7 +180,7 @@ def evaluate(
     ``pbrf_examples`` training examples get PBRF ground truth (0 = none). ``detection``
     runs self-influence mislabel detection when the recipe marks corrupted examples.
     ``keep_scores`` adds every estimator's (Q, N) scores under ``"scores"`` (large).
-    ``tail_patch`` tail-patches every method's top-k per query (METHOD.md §10).
+    ``tail_patch`` tail-patches every method's top-k per query (docs/method.md §10).
     Returns a JSON-serialisable dict; with ``out`` it is also written atomically to
     ``out/results.json``.
     """

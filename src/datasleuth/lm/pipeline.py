@@ -213,7 +213,7 @@ def query_batches(
 
 def bm25_index(corpus: PackedCorpus, workdir: str | Path, ignore_ids: Sequence[int] = ()
                ) -> CandidateFilter:
-    """The BM25 index of the corpus (METHOD.md §5), kept in ``workdir/bm25`` and reused."""
+    """The BM25 index of the corpus (docs/method.md §5), kept in ``workdir/bm25`` and reused."""
     from datasleuth.scale.bm25 import CandidateFilter
 
     directory = Path(workdir) / "bm25"
@@ -236,7 +236,7 @@ def bm25_candidates(
     k: int,
     ignore_ids: Sequence[int] = (),
 ) -> list[np.ndarray]:
-    """Per query, the top-k sequences by the BM25 variant of METHOD.md §5 (index reused)."""
+    """Per query, the top-k sequences by the BM25 variant of docs/method.md §5 (index reused)."""
     filt = bm25_index(corpus, workdir, ignore_ids)
     return [filt.top_k(e["input_ids"].tolist(), k=k)[0] for e in encoded]
 
@@ -261,7 +261,7 @@ def build_corpus_index(
 ) -> GradientIndex:
     """Index every packed sequence's projected gradient and fit the projected curvature.
 
-    METHOD.md §7 (Choe et al. 2024), §11: a whitened ``config`` uses the fitted
+    docs/method.md §7 (Choe et al. 2024), §11: a whitened ``config`` uses the fitted
     ``curvature`` and needs no projected curvature; ``bytes_per_sequence`` picks the
     projection sizes from the curvature's effective dimensions. A killed build resumes
     at its first unfinished shard; a finished index of the same model, layers,
@@ -385,7 +385,7 @@ def _reusable(results_path: Path, key: str) -> dict[str, Any] | None:
 
 def _bm25_stage(tokenizer: Any, corpus: PackedCorpus, encoded: list[dict[str, Any]],
                 workdir: str | Path, k: int) -> tuple[list[np.ndarray], str]:
-    """Each query's BM25 top-k sequences (METHOD.md §5) and the warning the results carry."""
+    """Each query's BM25 top-k sequences (docs/method.md §5) and the warning the results carry."""
     from datasleuth.scale.bm25 import FILTER_WARNING
 
     ignore = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
@@ -449,14 +449,14 @@ def run_trace(
     Three ways to find each query's candidates, all ending in exact scores:
 
     * default: every sequence scored with full-rank preconditioned query gradients;
-    * ``rank=k``: query batching (METHOD.md §4) -- one pass with rank-k query gradients,
+    * ``rank=k``: query batching (docs/method.md §4) -- one pass with rank-k query gradients,
       then each query's ``rescore`` best and worst sequences scored again at full rank;
-    * ``index=DIR``: search a projected-gradient index (METHOD.md §7) for ``rescore``
+    * ``index=DIR``: search a projected-gradient index (docs/method.md §7) for ``rescore``
       candidates per query (exact, or FAISS with ``approximate``), then score those
       with full EK-FAC.
 
     ``candidates_k`` restricts the scan (or the low-rank pass) to the BM25 top-k per
-    query (METHOD.md §5). A killed full or low-rank scan resumes from its checkpoint
+    query (docs/method.md §5). A killed full or low-rank scan resumes from its checkpoint
     when re-run with the same inputs.
     """
     check_trace_options(rank, index, candidates_k, rescore, approximate)

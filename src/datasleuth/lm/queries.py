@@ -1,6 +1,6 @@
 """Queries: a prompt and a completion whose log-probability is the measurement.
 
-METHOD.md §1: the measurement is f(θ) = log p(completion | prompt; θ), summed over the
+docs/method.md §1: the measurement is f(θ) = log p(completion | prompt; θ), summed over the
 completion tokens only. A query batch therefore carries labels on the completion
 positions and -100 everywhere else (docs/CONTRACT.md).
 

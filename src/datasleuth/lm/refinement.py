@@ -1,4 +1,4 @@
-"""``trace --refine``: the fitted curvature refined on the corpus (METHOD.md §9).
+"""``trace --refine``: the fitted curvature refined on the corpus (docs/method.md §9).
 
 :func:`refine_on_corpus` wraps the fitted EK-FAC in a
 :class:`~datasleuth.refine.RefinedInfluence` whose Gauss-Newton-vector products run on

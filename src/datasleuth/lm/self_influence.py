@@ -1,6 +1,6 @@
 """Self-influence of every training sequence (``datasleuth self-influence``).
 
-High self-influence ∇Lᵀ(G + λI)⁻¹∇L (METHOD.md §8) marks sequences the model could not
+High self-influence ∇Lᵀ(G + λI)⁻¹∇L (docs/method.md §8) marks sequences the model could not
 fit from the rest of the data: mislabeled, corrupt or unusual text (Koh & Liang 2017;
 Grosse et al. 2023). The ranking is written as ``self_influence.parquet`` (every
 sequence, with its documents and the corpus's own ids) and ``self_influence.json`` (the
@@ -41,7 +41,7 @@ def run_self_influence(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Rank every packed sequence by self-influence ∇Lᵀ(G + λI)⁻¹∇L (METHOD.md §8).
+    """Rank every packed sequence by self-influence ∇Lᵀ(G + λI)⁻¹∇L (docs/method.md §8).
 
     High self-influence marks sequences the model could not fit from the rest of the
     data: mislabeled, corrupt or unusual text (Koh & Liang 2017; Grosse et al. 2023).

@@ -6,9 +6,9 @@ chooses):
 
 * :func:`full_scan` -- every sequence (or each query's BM25 candidates) scored with
   full-rank preconditioned query gradients: no first stage;
-* :func:`low_rank_stage` -- query batching (METHOD.md §4): one pass with rank-k query
+* :func:`low_rank_stage` -- query batching (docs/method.md §4): one pass with rank-k query
   gradients keeps each query's best and worst sequences;
-* :func:`index_stage` -- a projected-gradient index search (METHOD.md §7);
+* :func:`index_stage` -- a projected-gradient index search (docs/method.md §7);
 
 and then :func:`rescore_by_chunks` scores a first stage's candidates at full rank.
 Nothing here prints; the pipeline says what happened.
@@ -113,7 +113,7 @@ def full_scan(job: TraceJob) -> tuple[dict[str, Any], int]:
 
 def index_stage(job: TraceJob, index: GradientIndex, directory: str | Path, rescore: int,
                  approximate: bool) -> FirstStage:
-    """Candidates from a projected-gradient index search (METHOD.md §7)."""
+    """Candidates from a projected-gradient index search (docs/method.md §7)."""
     lists, samples, scanned = index_candidates(
         index, job.model, job.batches, rescore, job.config.bottom_k > 0, approximate,
         job.config.histogram_sample)
@@ -127,7 +127,7 @@ def index_stage(job: TraceJob, index: GradientIndex, directory: str | Path, resc
 
 
 def low_rank_stage(job: TraceJob, rank: int, rescore: int) -> FirstStage:
-    """Candidates from one pass with rank-``rank`` query gradients (METHOD.md §4)."""
+    """Candidates from one pass with rank-``rank`` query gradients (docs/method.md §4)."""
     from datasleuth.scale.batching import compress_queries, scan_low_rank
 
     low = compress_queries(job.model, CausalLMTask(), job.curvature, job.batches, rank)
@@ -151,7 +151,7 @@ def low_rank_stage(job: TraceJob, rank: int, rescore: int) -> FirstStage:
 def rescore_by_chunks(job: TraceJob, first: FirstStage) -> dict[str, Any]:
     """Full-rank EK-FAC scores of each query's candidates, one query batch at a time.
 
-    The last step of query batching (METHOD.md §4): only one batch of full-rank
+    The last step of query batching (docs/method.md §4): only one batch of full-rank
     preconditioned query gradients is held at once. Histogram and counts come from the
     first stage, which saw every sequence.
     """

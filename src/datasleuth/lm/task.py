@@ -1,4 +1,4 @@
-"""The causal language-model task (METHOD.md §1).
+"""The causal language-model task (docs/method.md §1).
 
 Batches follow docs/CONTRACT.md: ``input_ids``, ``attention_mask`` and HF-aligned
 ``labels`` (-100 where a position is not scored). The loss of a sequence is

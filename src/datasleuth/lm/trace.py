@@ -4,7 +4,7 @@ One streaming pass scores all packed training sequences (or only BM25 candidates
 against all queries and keeps, per query, the k most positive and most negative
 sequences with their per-layer breakdown — the full score matrix is never held
 (optionally it is streamed to Parquet). The selected sequences then get token-wise
-scores (METHOD.md §6) and the spurious-sequence flag, and everything is returned as
+scores (docs/method.md §6) and the spurious-sequence flag, and everything is returned as
 the JSON results document that :mod:`datasleuth.report` renders.
 """
 
@@ -357,7 +357,7 @@ def _histogram(sample: list[float], bins: int) -> dict[str, list]:
 
 
 def _sparsity(sample: list[float], power_law: bool, max_fit: int = 2000) -> dict[str, Any]:
-    """Heavy-tail summary of a query's scores (METHOD.md §8) from the scan's uniform sample.
+    """Heavy-tail summary of a query's scores (docs/method.md §8) from the scan's uniform sample.
 
     ``top_share``: share of the positive influence held by the top 0.1%, 1% and 10% of
     sequences. With ``power_law``, a Clauset et al. fit on at most ``max_fit`` evenly

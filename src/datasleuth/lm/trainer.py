@@ -1,4 +1,4 @@
-"""Fit the curvature during training: a transformers ``TrainerCallback`` (METHOD.md §3).
+"""Fit the curvature during training: a transformers ``TrainerCallback`` (docs/method.md §3).
 
 How a two-pass method fits into training. EK-FAC needs the Kronecker factors A and S
 (pass 1) before their eigenbases exist, and the eigenvalue correction (pass 2) must

@@ -186,9 +186,9 @@ class Candidates:
     """How each query's candidate sequences are found before exact scoring.
 
     All stages end in exact (full-rank) scores. ``bm25``: only each query's BM25 top-k
-    sequences are scanned (METHOD.md §5; biased towards word overlap, and the results
+    sequences are scanned (docs/method.md §5; biased towards word overlap, and the results
     say so). ``rank``: query batching, one pass with rank-k query gradients, then the
-    ``rescore`` best and worst re-scored at full rank (METHOD.md §4). ``index``: search
+    ``rescore`` best and worst re-scored at full rank (docs/method.md §4). ``index``: search
     a projected-gradient index folder for ``rescore`` candidates (FAISS with
     ``approximate``), re-scored with the fitted curvature. ``index`` goes with neither
     ``bm25`` nor ``rank``.
@@ -228,7 +228,7 @@ class TraceOptions:
     all_scores: bool = False
     report: bool = True
     method: str | None = None
-    refine: RefineConfig | None = None  # METHOD.md §9: refine the fitted curvature
+    refine: RefineConfig | None = None  # docs/method.md §9: refine the fitted curvature
 
     def __post_init__(self) -> None:
         if self.refine is not None and self.method and not trace_method(self.method).influence:

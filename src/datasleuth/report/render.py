@@ -98,7 +98,7 @@ def _heat_tokens(tokens: list[str], scores: list[float]) -> list[HeatCell]:
 
 
 def _concentration(scores: list[float]) -> float:
-    """``||a||_2 / ||a||_1`` of token scores (METHOD.md §6); 0 for an all-zero vector."""
+    """``||a||_2 / ||a||_1`` of token scores (docs/method.md §6); 0 for an all-zero vector."""
     l1 = sum(abs(s) for s in scores)
     return math.sqrt(sum(s * s for s in scores)) / l1 if l1 > 0 else 0.0
 

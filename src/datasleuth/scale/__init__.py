@@ -1,4 +1,4 @@
-"""Scaling influence to large corpora (METHOD.md §4, §5, §7).
+"""Scaling influence to large corpora (docs/method.md §4, §5, §7).
 
 * :mod:`~datasleuth.scale.batching` -- query batching with rank-k query gradients;
 * :mod:`~datasleuth.scale.bm25` -- the BM25 candidate filter of Grosse et al. 2023;

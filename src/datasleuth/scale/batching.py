@@ -1,4 +1,4 @@
-"""Query batching: many queries share one pass over the training data (METHOD.md §4).
+"""Query batching: many queries share one pass over the training data (docs/method.md §4).
 
 Grosse et al. 2023, §3.2.2. The preconditioned query gradient of a tracked layer,
 Ṽ = (G_ℓ + λ_ℓ I)⁻¹ ∇f (P×(M+1)), is kept as a truncated SVD Ṽ ≈ L R with
@@ -92,7 +92,7 @@ _CHUNK_ELEMENTS = 1 << 24  # bound on (B·T) × (queries in a chunk) × k per sc
 
 
 def _is_small(shape: tuple[int, int], rank: int) -> bool:
-    """A layer kept at full rank: its gradient has rank ≤ k anyway (METHOD.md §4)."""
+    """A layer kept at full rank: its gradient has rank ≤ k anyway (docs/method.md §4)."""
     return min(shape) <= rank
 
 
@@ -117,7 +117,7 @@ def memory_numbers(
 
 @dataclass
 class LowRankQueries:
-    """Preconditioned query gradients of Q queries, compressed per layer (METHOD.md §4).
+    """Preconditioned query gradients of Q queries, compressed per layer (docs/method.md §4).
 
     Every name of ``layer_names`` is either in ``left`` and ``right`` (Ṽ ≈ left @ right,
     ``left`` (Q, P, k), ``right`` (Q, k, M+1)) or in ``full`` ((Q, P, M+1), kept exactly).
@@ -212,7 +212,7 @@ class LowRankQueries:
 
         One batched truncated SVD per layer, in the queries' own dtype (randomized for
         layers much larger than the rank, see :func:`_truncated_svd`). Layers with
-        min(P, M+1) ≤ ``rank`` are kept exactly (METHOD.md §4; Grosse et al. 2023, §3.2.2).
+        min(P, M+1) ≤ ``rank`` are kept exactly (docs/method.md §4; Grosse et al. 2023, §3.2.2).
         """
         if not (isinstance(rank, int) and rank >= 1):
             raise DatasleuthError(f"rank must be a positive integer, got {rank!r}; use e.g. 32")
@@ -369,7 +369,7 @@ def compress_queries(
 
 def _compress_in_basis(model: nn.Module, task: Task, curvature: Curvature, batch: Any,
                        rank: int) -> LowRankQueries:
-    """Truncated SVD of C = Q_Sᵀ Ṽ Q_A, then L = Q_S L_C, R = R_C Q_Aᵀ (METHOD.md §4).
+    """Truncated SVD of C = Q_Sᵀ Ṽ Q_A, then L = Q_S L_C, R = R_C Q_Aᵀ (docs/method.md §4).
 
     Orthogonal rotations keep singular values, so this is Ṽ's own best rank-k
     approximation, at a cost of k (P² + (M+1)²) per query to rotate the factors back

@@ -1,4 +1,4 @@
-"""BM25 candidate filter over model tokens (METHOD.md §5; Grosse et al. 2023, §3.2.1).
+"""BM25 candidate filter over model tokens (docs/method.md §5; Grosse et al. 2023, §3.2.1).
 
 Before paying for per-sequence gradients, each query keeps only the top ``K`` training
 sequences (10,000 in the paper) ranked by a modified Okapi BM25 computed on *model token
@@ -66,7 +66,7 @@ FILTER_WARNING = (
     "candidates were pre-selected by BM25 token overlap; influential sequences with little "
     "word overlap may be missed"
 )
-"""Printed by the CLI and reports whenever the candidate filter was used (METHOD.md §5)."""
+"""Printed by the CLI and reports whenever the candidate filter was used (docs/method.md §5)."""
 
 DEFAULT_K1 = 1.5
 DEFAULT_B = 0.0
@@ -228,7 +228,7 @@ class CandidateFilter:
 
     Build with :meth:`build` (or restore with :meth:`load`), then call :meth:`top_k` per
     query. The formula, the choice of ``b`` and the handling of repeated query tokens are
-    documented in the module docstring (METHOD.md §5, Grosse et al. 2023 §3.2.1). Whenever
+    documented in the module docstring (docs/method.md §5, Grosse et al. 2023 §3.2.1). Whenever
     results depend on this filter, print :data:`FILTER_WARNING`.
     """
 
@@ -329,7 +329,7 @@ class CandidateFilter:
         return query[query < self.vocab_size]
 
     def scores(self, query_token_ids: TokenSequence) -> np.ndarray:
-        """BM25 score of every training sequence for one query, shape ``(C,)`` (METHOD.md §5).
+        """BM25 score of every training sequence for one query, shape ``(C,)`` (docs/method.md §5).
 
         Each distinct query token counts once; ignored and never-seen tokens add nothing.
         """

@@ -1,4 +1,4 @@
-"""The last step of query batching: re-score the candidates at full rank (METHOD.md §4).
+"""The last step of query batching: re-score the candidates at full rank (docs/method.md §4).
 
 The low-rank scan (:mod:`datasleuth.scale.batching`) finds each query's best
 candidates; :func:`top_candidates` gathers them, :func:`subset_loader` streams just
@@ -57,7 +57,7 @@ def rescore(
 ) -> Scores:
     """Full-rank scores of the selected candidates: total (Q, n), per layer (Q, n, L).
 
-    The last step of query batching (METHOD.md §4): the candidates found with low-rank
+    The last step of query batching (docs/method.md §4): the candidates found with low-rank
     queries (:func:`top_candidates`) are scored again with the full-rank Ṽ
     ({name: (Q, P, M+1)}, e.g. from :func:`datasleuth.scoring.precondition_queries`,
     for a chunk of queries at a time if memory is short). Columns follow the order of

@@ -3,7 +3,7 @@
 :class:`PackedCorpus` opens a directory written by
 :func:`~datasleuth.lm.corpus.pack_corpus` (layout in :mod:`datasleuth.lm.corpus.layout`).
 Token matrices are memory-mapped, so a packed corpus larger than RAM is fine; token-wise
-scores (METHOD.md §6) can be drawn on the original characters
+scores (docs/method.md §6) can be drawn on the original characters
 (:meth:`PackedCorpus.token_pieces`).
 """
 

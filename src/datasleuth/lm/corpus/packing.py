@@ -1,6 +1,6 @@
 """Pack documents into fixed-length training sequences that point back to their text.
 
-Influence scores are computed per *training sequence* (METHOD.md §1: L(z, θ) is summed
+Influence scores are computed per *training sequence* (docs/method.md §1: L(z, θ) is summed
 over the tokens of one sequence z). Pretraining-style packing concatenates documents,
 separated by an EOS token, and cuts the stream into sequences of exactly ``seq_len``
 tokens. Every sequence keeps pointers back to the characters of the documents it came

@@ -24,7 +24,7 @@ means adding z_m raises f_q; scores are not divided by N. With ``projection="ide
 and k equal to the layer sizes this is exactly the influence of docs/method.md §1 under
 a dense per-layer curvature.
 
-Whitened indices (``IndexConfig(whitening="ekfac")`` or ``"kron"``, METHOD.md §11) multiply
+Whitened indices (``IndexConfig(whitening="ekfac")`` or ``"kron"``, docs/method.md §11) multiply
 each layer gradient by a square root of the fitted damped curvature before projecting,
 so a stored row's inner product with a query's row estimates the influence itself and
 queries need no projected curvature (:mod:`.projection`); :mod:`.sizing` reports each

@@ -179,7 +179,7 @@ def build_index(
     the existing rows. Rows are gradients of the log-likelihood −L, so they score
     queries directly (docs/method.md §7; Choe et al. 2024). A whitened
     ``config.whitening`` needs the fitted ``curvature`` (K-FAC or EK-FAC of the same
-    layers); its rows then score each other as influence (METHOD.md §11). Given a
+    layers); its rows then score each other as influence (docs/method.md §11). Given a
     ``curvature``, the manifest's ``sizes`` report each layer's effective dimension and
     the sketch size theory asks for (:mod:`.sizing`).
     """

@@ -52,7 +52,7 @@ class IndexConfig:
             curvature refitted in the projected space), ``"kron"`` (Kronecker-factored
             square root of the fitted damped curvature, applied per token) or ``"ekfac"``
             (exact EK-FAC root (Λ + λ)^(−1/2) in the eigenbasis); whitened rows score
-            each other directly (METHOD.md §11; :mod:`.projection`). Whitening needs the
+            each other directly (docs/method.md §11; :mod:`.projection`). Whitening needs the
             fitted curvature at build time.
     """
 

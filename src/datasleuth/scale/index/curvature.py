@@ -36,7 +36,7 @@ CURVATURE_FILE = "curvature.safetensors"
 
 class Whitened:
     """The query preconditioner of a whitened index: none, since its rows carry the
-    metric (W g with W² ≈ (G + λI)⁻¹, METHOD.md §11), so queries are projected alike."""
+    metric (W g with W² ≈ (G + λI)⁻¹, docs/method.md §11), so queries are projected alike."""
 
     kind = "whitened"
 

@@ -1,6 +1,6 @@
 """Seeded Kronecker projections of (whitened) layer gradients, and the projected scorer.
 
-METHOD.md §11. Per layer, P_out (k_out×P) and P_in (k_in×(M+1)) have entries N(0, 1/k),
+docs/method.md §11. Per layer, P_out (k_out×P) and P_in (k_in×(M+1)) have entries N(0, 1/k),
 so that E[‖Px‖²] = ‖x‖² (Choe et al. 2024, §3); each is drawn from a generator seeded by
 (seed, layer name, side) and stored in the index directory, so an index never depends
 on the random-number generator of a later torch version.
@@ -134,7 +134,7 @@ class LayerProjection:
 
 
 def kron_root(layer: LayerCurvature) -> tuple[Tensor, Tensor]:
-    """W_S (P×P), W_A ((M+1)×(M+1)) with W_S ⊗ W_A ≈ (G_ℓ + λ_ℓ I)^(−1/2) (METHOD.md §11).
+    """W_S (P×P), W_A ((M+1)×(M+1)) with W_S ⊗ W_A ≈ (G_ℓ + λ_ℓ I)^(−1/2) (docs/method.md §11).
 
     In the Kronecker eigenbasis the exact root is diagonal, (Λ_ij + λ)^(−1/2); its closest
     rank-one product u_i v_j in log space (row and column means of log(Λ + λ)) is

@@ -1,4 +1,4 @@
-"""Projection sizes chosen from the fitted curvature (METHOD.md §11).
+"""Projection sizes chosen from the fitted curvature (docs/method.md §11).
 
 The effective dimension of a layer's damped curvature, d_λ = Σ_i σ_i/(σ_i + λ) over its
 (EK-FAC) eigenvalues σ_i, counts the directions the influence metric does not damp away.
