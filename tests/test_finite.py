@@ -70,3 +70,15 @@ def test_check_scores_names_the_first_bad_layer_only_when_there_is_one():
     with pytest.raises(DatasleuthError, match="layer b: the scores holds Inf in the batch "
                                               "starting at sequence 5"):
         check_scores(scores, ["a", "b"], 5)
+
+
+def test_non_finite_logits_refuse_sampled_labels_with_one_line():
+    """Finite weights whose logits overflow: the sampled Fisher says so (no multinomial
+    traceback)."""
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[0].weight.fill_(1e308)
+    x = torch.ones(2, 4, dtype=torch.float64) * 1e10
+    batch = (x, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(DatasleuthError, match="logits hold NaN or Inf"):
+        ClassificationTask().sampled_loss(model, batch, torch.Generator().manual_seed(0))

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datasleuth.errors import DatasleuthError
+
 __all__ = ["Task", "ClassificationTask", "RegressionTask"]
 
 
@@ -57,6 +59,11 @@ class Task(ABC):
 
 def _sample_categorical(logits: Tensor, generator: torch.Generator) -> Tensor:
     probs = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
+    if not bool(torch.isfinite(probs).all()):  # multinomial would fail with a traceback
+        raise DatasleuthError(
+            "the model's output logits hold NaN or Inf, so no labels can be sampled for the "
+            "Fisher (fisher='sampled'); check the model's weights and inputs (an overflow in "
+            "float16/bfloat16 is a common cause) or load it in float32")
     draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
     return draws.reshape(logits.shape[:-1]).to(logits.device)
 
