@@ -46,6 +46,7 @@ from datasleuth.lm.queries import (
     load_queries,
     render_chat,
 )
+from datasleuth.lm.refinement import annotate_refinement
 from datasleuth.lm.stages import (
     FirstStage,
     TraceJob,
@@ -482,6 +483,7 @@ def run_trace(
                              candidates_k=candidates_k, layers=curvature.layer_names,
                              first_stage=first.stage if first else {"kind": "full"},
                              corpus_fingerprint=corpus.fingerprint, seq_len=corpus.seq_len)
+    annotate_refinement(results, curvature)  # trace --refine: residuals per query
     return _written(results, corpus, out, report=report)
 
 

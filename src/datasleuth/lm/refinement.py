@@ -4,26 +4,23 @@
 :class:`~datasleuth.refine.RefinedInfluence` whose Gauss-Newton-vector products run on
 the sequences the curvature was fitted on (every process uses all of them, so each
 refines the same way); the trace then scores with it unchanged.
-:func:`record_refinement` puts the relative residual of every query into
-``results.json`` (``queries[i].refine_residual`` and a ``refine`` summary).
+:func:`annotate_refinement` puts the relative residual of every query into the results
+before they are written (``queries[i].refine_residual`` and a ``refine`` summary).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from datasleuth.curvature import Curvature
-from datasleuth.distributed import world
 from datasleuth.lm.corpus import PackedCorpus
 from datasleuth.lm.task import CausalLMTask
 from datasleuth.refine import RefineConfig, RefinedInfluence
-from datasleuth.storage import write_json
 
-__all__ = ["CorpusBatches", "record_refinement", "refine_on_corpus"]
+__all__ = ["CorpusBatches", "annotate_refinement", "refine_on_corpus"]
 
 
 class CorpusBatches(Sequence):
@@ -51,14 +48,12 @@ def refine_on_corpus(model: nn.Module, corpus: PackedCorpus, curvature: Curvatur
     return RefinedInfluence(model, CausalLMTask(), curvature, batches, config)
 
 
-def record_refinement(results: dict[str, Any], preconditioner: Any, path: Path) -> None:
-    """Add the residuals of a refinement that ran in this call to ``results`` and rewrite
-    ``path`` (results.json) on rank 0; nothing for other preconditioners or reused results."""
+def annotate_refinement(results: dict[str, Any], preconditioner: Any) -> None:
+    """Add the residuals of a refinement that ran in this call to ``results`` (before they
+    are written); nothing for other preconditioners or reused results."""
     if not isinstance(preconditioner, RefinedInfluence) or not preconditioner.info.residual:
         return
     info = preconditioner.info
     results["refine"] = info.summary()
     for query, start, end in zip(results["queries"], info.start, info.residual):
         query["refine_residual"], query["ekfac_residual"] = end, start
-    if world()[0] == 0:
-        write_json(path, results)

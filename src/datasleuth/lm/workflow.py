@@ -53,7 +53,7 @@ from datasleuth.lm.pipeline import (
     run_trace,
 )
 from datasleuth.lm.queries import encode_queries, load_queries
-from datasleuth.lm.refinement import record_refinement, refine_on_corpus
+from datasleuth.lm.refinement import refine_on_corpus
 from datasleuth.lm.self_influence import run_self_influence
 from datasleuth.lm.trace import TraceConfig
 from datasleuth.memory import print_estimate
@@ -424,7 +424,6 @@ def trace_queries(load: LoadOptions, options: TraceOptions, fitting: FitOptions 
     else:
         curvature = None
     results = _trace(inputs, curvature, method, queries, load, options, progress)
-    record_refinement(results, curvature, options.results_path)
     if options.report and world()[0] == 0 and curvature is None:  # else written with results
         from datasleuth.report import render_report
 
