@@ -360,6 +360,35 @@ def test_torchrun_two_processes_write_the_one_process_result(world, tmp_path):
     assert run.stdout.count("query q") == 1  # rank 0 alone prints the summary
 
 
+def test_torchrun_index_equals_the_one_process_index(world, tmp_path):
+    """`datasleuth index` under torchrun: each process writes its shards and its part of
+    the projected curvature's sums; rows and curvature equal a one-process build."""
+    from safetensors.torch import load_file
+
+    args = ["index", "--model", str(world["model_dir"]), "--corpus", str(world["corpus"]),
+            "--seq-len", "32", "--proj-dim", "8", "--shard-size", "16", "--whitening", "none",
+            "--fisher", "empirical", "--no-progress"]
+    assert main([*args, "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "one")]) == 0
+    run = _torchrun([*args, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = GradientIndex.open(tmp_path / "one"), GradientIndex.open(tmp_path / "two")
+    assert one.rows == two.rows and len(one.manifest["shards"]) > 2
+    torch.testing.assert_close(two.load_rows(), one.load_rows(), rtol=0, atol=0)
+    c1 = load_file(str(next((tmp_path / "one").glob("*curvature*.safetensors"))))
+    c2 = load_file(str(next((tmp_path / "two").glob("*curvature*.safetensors"))))
+    assert c1.keys() == c2.keys()
+    for key in c1:
+        torch.testing.assert_close(c2[key], c1[key], rtol=1e-5, atol=1e-7)
+    white = [a for a in args if a not in ("--whitening", "none")]  # the default: EK-FAC
+    assert main([*white, "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "w-one")]) == 0
+    run = _torchrun([*white, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "w-two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = GradientIndex.open(tmp_path / "w-one"), GradientIndex.open(tmp_path / "w-two")
+    assert one.config.whitened and one.rows == two.rows
+    r1, r2 = one.load_rows(torch.float64), two.load_rows(torch.float64)
+    assert float((r2 - r1).norm() / r1.norm()) < 1e-3  # float16 rows of an all-reduced fit
+
+
 def test_self_influence_command_flags_a_corrupt_document(world, tmp_path, capsys):
     docs = [json.loads(line)["text"] for line in world["corpus"].read_text().splitlines()]
     g = torch.Generator().manual_seed(3)

@@ -30,11 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasleuth.curvature import Curvature
-from datasleuth.distributed import active, barrier, rank_zero_first, shard, world
+from datasleuth.distributed import barrier, rank_zero_first, shard, world
 from datasleuth.errors import DatasleuthError
 from datasleuth.fitting import FitConfig, fit_curvature
 from datasleuth.folders import OutputSet
-from datasleuth.fsdp import is_sharded
 from datasleuth.layers import TrackedLayer
 from datasleuth.lm.corpus import PackedCorpus, load_documents, pack_corpus
 from datasleuth.lm.corpus.readers import has_names, is_paths
@@ -271,13 +270,10 @@ def build_corpus_index(
     from datasleuth.scale.index import IndexConfig, build_index, fit_projected_curvature
     from datasleuth.scale.index.sizing import auto_config
 
-    if active() and not is_sharded(model):
-        raise DatasleuthError("`datasleuth index` runs in one process, or in many with "
-                              "--fsdp; start it without torchrun (trace --index may use many)")
     check_context(model, corpus.seq_len)
     directory = Path(directory)
     side = directory / _INDEX_CORPUS
-    with rank_zero_first():  # a sharded model: every process computes, rank 0 writes
+    with rank_zero_first():  # under torchrun rank 0 writes the folder's marker
         if side.is_file():
             if read_json(side).get("corpus_fingerprint") != corpus.fingerprint:
                 raise DatasleuthError(f"{directory} indexes a different corpus or packing; "
