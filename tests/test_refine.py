@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +226,11 @@ def test_cli_trace_refine_reports_residuals_per_query(tmp_path, capsys):
     for q, z in zip(refined["queries"], zero["queries"]):
         assert q["refine_residual"] < 0.5 * q["ekfac_residual"]
         assert z["refine_residual"] == z["ekfac_residual"] == pytest.approx(q["ekfac_residual"])
+    from datasleuth.report import render_report
+
+    html = Path(render_report(refined, tmp_path / "report.html")).read_text()  # residuals shown
+    assert "after refinement" in html and f"{refined['queries'][0]['refine_residual']:.3g}" in html
+    assert "after refinement" not in Path(render_report(plain, tmp_path / "p.html")).read_text()
     assert main([*common, "--out", str(tmp_path / "x"), "--refine", "2", "--method", "bm25"]) == 2
     assert "--refine refines influence" in capsys.readouterr().err
 

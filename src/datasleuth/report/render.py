@@ -261,6 +261,14 @@ def _alpha(query: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _residuals(query: Any) -> tuple[float, float] | None:
+    """(EK-FAC's, the refined) relative residual of a ``trace --refine`` query (§9)."""
+    start, end = query.get("ekfac_residual"), query.get("refine_residual")
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+        return float(start), float(end)
+    return None
+
+
 def _tail_patch_view(patch: Any) -> dict | None:
     """The compact tail-patch table of a query (optional field), best gain marked."""
     if not isinstance(patch, dict):
@@ -304,6 +312,7 @@ def _query_view(query: QueryResult, qi: int, marks: dict[int, str]) -> dict:
         "hist_total": sum(int(c) for c in hist["counts"]),
         "top_share": _top_share(query),
         "alpha": _alpha(query),
+        "refine": _residuals(query),
         "n_spurious": sum(bool(s["spurious"]) for s in seqs),
         "tail_patch": _tail_patch_view(query.get("tail_patch")),
         "top": [_sequence_view(s, "top", qi, shared_note is None, names, marks)
