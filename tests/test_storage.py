@@ -182,3 +182,20 @@ def test_streamed_safetensors_refuses_bad_input_and_damaged_files(tmp_path):
         memmap_safetensors(path, "rebuild it")
     with pytest.raises(DatasleuthError, match="is damaged"):
         memmap_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_stored_factors_with_nan_are_refused_naming_the_layer(mlp_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, x, y = mlp_data
+    curv = fit_curvature(model, ClassificationTask(), loader(x, y), None, progress=False)
+    path = tmp_path / "f.safetensors"
+    curv.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["2/eigenvalues"][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(DatasleuthError, match=r"layer 2: the stored eigenvalues holds NaN in .*"
+                                              r"re-run `datasleuth fit`"):
+        load_curvature(path, model, find_layers(model))

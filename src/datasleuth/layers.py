@@ -133,9 +133,15 @@ def _module_layers(name: str, module: nn.Module) -> list[TrackedLayer]:
     if info is not None:
         kind, m, p, bias = info
         return [TrackedLayer(name, module, kind, m, p, bias)]
-    return [TrackedLayer(f"{name}.{pname}.{e}", module, "expert", int(w.shape[2]),
-                         int(w.shape[1]), False, pname, e)
+    return [_expert_layer(f"{name}.{pname}.{e}", module, pname, w, e)
             for pname, w in expert_params(module) for e in range(w.shape[0])]
+
+
+def _expert_layer(name: str, module: nn.Module, pname: str, w: Tensor, e: int
+                  ) -> TrackedLayer:
+    """Expert ``e``'s slice W_e (P×M) of the fused 3-D parameter ``w`` (E, P, M)."""
+    return TrackedLayer(name, module, "expert", int(w.shape[2]), int(w.shape[1]), False,
+                        pname, e)
 
 
 def _named_layer(modules: dict[str, nn.Module], name: str) -> TrackedLayer | None:
@@ -149,9 +155,7 @@ def _named_layer(modules: dict[str, nn.Module], name: str) -> TrackedLayer | Non
     if pname not in params:
         return None
     check_index(params[pname], e, name)
-    w = params[pname]
-    return TrackedLayer(name, modules[module_name], "expert", int(w.shape[2]), int(w.shape[1]),
-                        False, pname, e)
+    return _expert_layer(name, modules[module_name], pname, params[pname], e)
 
 
 def layers_by_name(model: nn.Module, names: Sequence[str]) -> list[TrackedLayer]:

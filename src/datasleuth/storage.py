@@ -31,6 +31,7 @@ from torch import nn
 
 from datasleuth.curvature import Basis, Curvature, LayerCurvature
 from datasleuth.errors import DatasleuthError
+from datasleuth.finite import check_finite
 from datasleuth.layers import TrackedLayer
 
 __all__ = [
@@ -414,10 +415,8 @@ def _stored_layer(tensors: dict[str, torch.Tensor], name: str, lm: dict,
     eigenvalues = need(f"{name}/eigenvalues")
     for key, value in [("eigenvalues", eigenvalues), ("damping", torch.tensor(damping))] + [
             (f"eigenbasis {i}", q) for i, q in enumerate(q_out + q_in)]:
-        if not bool(torch.isfinite(value).all()):
-            raise DatasleuthError(f"{path}: layer {name}: the stored {key} hold NaN or Inf; "
-                                  "delete the file and re-run `datasleuth fit` (check the "
-                                  "model's weights)")
+        check_finite(value, name, f"the stored {key}", f"in {path}",
+                     "delete the file and re-run `datasleuth fit` (check the model's weights)")
     if damping <= 0:
         raise DatasleuthError(f"{path}: layer {name}: the stored damping {damping} is not "
                               "positive; delete the file and re-run `datasleuth fit`")

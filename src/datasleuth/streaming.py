@@ -127,7 +127,6 @@ def stream(
     return seen
 
 
-
 def _numbered(batches: Iterable[Any], start: int, max_batches: int | None
               ) -> Iterator[tuple[int, Any]]:
     """(position, batch) from ``start`` on, stopping before ``max_batches``."""
