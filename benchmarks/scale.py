@@ -88,6 +88,8 @@ def _args() -> argparse.Namespace:
                    help="'-eigen': EK-FAC eigen-coordinate selection instead of a random sketch")
     p.add_argument("--auto-bytes", default="8192,16384",
                    help="also --proj-dim auto within these bytes per sequence")
+    p.add_argument("--auto-dtypes", default="float16,int8,int4",
+                   help="row storages of the auto-sized variants")
     p.add_argument("--queries", type=int, default=32, help="held-out queries for agreement")
     p.add_argument("--search-rows", default="10000,100000,1000000")
     p.add_argument("--search-dim", type=int, default=1024, help="row width of synthetic rows")
@@ -313,12 +315,13 @@ def _full_reference(st: Setup, q_batches: list[Batch]) -> torch.Tensor:
     return torch.cat(got).t()
 
 
-def _build_one(st: Setup, whitening: str, k: int | str, root: str) -> GradientIndex:
+def _build_one(st: Setup, whitening: str, k: int | str, dtype: str, root: str
+               ) -> GradientIndex:
     """Build an index (and, for LoGra, its projected curvature) into a fresh folder;
     ``k = "auto<bytes>"`` sizes it with :func:`auto_config` within that budget."""
     task = CausalLMTask()
     whitening, _, projection = whitening.partition("-")  # e.g. "ekfac-eigen"
-    cfg = IndexConfig(k_in=16, k_out=16, dtype="float16", whitening=whitening,
+    cfg = IndexConfig(k_in=16, k_out=16, dtype=dtype, whitening=whitening,
                       projection=projection or "gaussian",
                       shard_size=max(256, st.args.n_seq // 4))
     if isinstance(k, str):
@@ -343,13 +346,15 @@ def index_section(st: Setup) -> None:
     _phase("full EK-FAC reference scores")
     ref = _full_reference(st, q_batches)
     root = tempfile.mkdtemp()
-    variants: list[tuple[str, int | str]] = [
-        (w, int(k)) for k in args.proj_dims.split(",") for w in args.whitenings.split(",")]
-    variants += [(w, f"auto{b}") for b in args.auto_bytes.split(",") if b
+    variants: list[tuple[str, int | str, str]] = [
+        (w, int(k), "float16") for k in args.proj_dims.split(",")
+        for w in args.whitenings.split(",")]
+    variants += [(w, f"auto{b}", d) for b in args.auto_bytes.split(",") if b
+                 for d in args.auto_dtypes.split(",")
                  for w in ("ekfac", "ekfac-eigen")]
-    times: dict[tuple[str, int | str], list[float]] = {v: [] for v in variants}
+    times: dict[tuple[str, int | str, str], list[float]] = {v: [] for v in variants}
     floors: list[float] = []
-    built: dict[tuple[str, int | str], GradientIndex] = {}
+    built: dict[tuple[str, int | str, str], GradientIndex] = {}
     st.floor()  # warm-up
     for r in range(args.rounds):  # interleaved: floor, then every variant
         floors.append(_timed(st.floor, st.device))
@@ -362,15 +367,15 @@ def index_section(st: Setup) -> None:
     k_top = min(100, args.n_seq)
     print(f"\nIndex vs full EK-FAC: {args.queries} held-out queries, {args.n_seq} sequences; "
           f"forward+backward {base:.2f} s (median of {args.rounds})\n")
-    print("| whitening | k | bytes/sequence | build × fwd+bwd | Pearson r | "
+    print("| whitening | k | storage | numbers | bytes/sequence | build × fwd+bwd | Pearson r | "
           f"top-{k_top} overlap | full top-10 in top-{k_top} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for v in variants:
         gi = built[v]
         q = gi.flatten(precondition_queries(st.model, task, gi.curvature, q_batches,
                                             features=gi.features))
         got = gi.scores(q.float())
-        print(f"| {v[0]} | {v[1]} | {gi.bytes_per_row} | "
+        print(f"| {v[0]} | {v[1]} | {v[2]} | {gi.dim} | {gi.bytes_per_row} | "
               f"{statistics.median(times[v]) / base:.2f} | {_pearson_rows(got, ref):.4f} | "
               f"{top_k_overlap(got, ref, k_top):.3f} | {_recall_within(got, ref, 10, k_top):.3f} |")
     report = size_report(st.layers, st.curv)

@@ -379,7 +379,8 @@ def test_torchrun_index_equals_the_one_process_index(world, tmp_path):
     assert c1.keys() == c2.keys()
     for key in c1:
         torch.testing.assert_close(c2[key], c1[key], rtol=1e-5, atol=1e-7)
-    white = [a for a in args if a not in ("--whitening", "none")]  # the default: EK-FAC
+    white = [a for a in args if a not in ("--whitening", "none")] + [  # EK-FAC whitened
+        "--index-dtype", "float16"]
     assert main([*white, "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "w-one")]) == 0
     run = _torchrun([*white, "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "w-two")])
     assert run.returncode == 0, run.stderr[-3000:]

@@ -182,10 +182,10 @@ def trace(**options: Any) -> None:
 @corpus_options
 @click.option("--out", "out_dir", default="datasleuth-index", show_default=True,
               type=click.Path(file_okay=False), help="Folder of the index (resumable).")
-@click.option("--proj-dim", default="16", show_default=True,
-              help="Projected size of each side of every layer (k_in = k_out; a sequence "
-                   "costs layers x proj-dim^2 numbers), or 'auto': sizes from each layer's "
-                   "effective dimension within --bytes-per-sequence.")
+@click.option("--proj-dim", default="auto", show_default=True,
+              help="'auto': sizes from each layer's effective dimension within "
+                   "--bytes-per-sequence; or the projected size of each side of every layer "
+                   "(k_in = k_out; a sequence costs layers x proj-dim^2 numbers).")
 @click.option("--bytes-per-sequence", default=16384, show_default=True,
               type=click.IntRange(1), help="Disk budget per sequence for --proj-dim auto.")
 @click.option("--whitening", default="ekfac-eigen", show_default=True,
@@ -195,8 +195,11 @@ def trace(**options: Any) -> None:
                    "(best agreement per byte measured); ekfac and kron (cheaper build) are "
                    "random Kronecker sketches after the exact or a Kronecker-factored root; "
                    "none is LoGra (curvature refitted in the projected space).")
-@click.option("--index-dtype", default="float16", show_default=True,
-              type=click.Choice(["float16", "float32"]), help="Storage type of the rows.")
+@click.option("--index-dtype", default="int4", show_default=True,
+              type=click.Choice(["int4", "int8", "float16", "float32"]),
+              help="Storage of the rows: int4/int8 are quantised per row and layer and hold "
+                   "4x/2x the numbers of float16 in the same bytes (best agreement per byte "
+                   "measured).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random projections.")
 @click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1),
               help="Sequences per shard file (the unit of resuming).")

@@ -280,12 +280,13 @@ class IndexOptions:
     """A projected-gradient index: its folder, projection (:class:`IndexConfig`), fit."""
 
     out: str | os.PathLike[str] = "datasleuth-index"
-    config: IndexConfig = field(default_factory=lambda: IndexConfig(  # 16 x 16 per layer,
-        whitening="ekfac", projection="eigen"))  # float16; best agreement per byte (§11)
+    config: IndexConfig = field(default_factory=lambda: IndexConfig(  # int4 rows of EK-FAC
+        whitening="ekfac", projection="eigen", dtype="int4"))  # eigen-coordinates (§11)
     batch_size: int = 8
     fisher: str = "sampled"
     max_sequences: int | None = None  # fit the projected curvature on at most this many
-    bytes_per_sequence: int | None = None  # set: sizes from effective dimensions (§11)
+    bytes_per_sequence: int | None = 16384  # sizes from effective dimensions (§11);
+    # None: config.k_in, config.k_out as given
 
     def __post_init__(self) -> None:
         _set(self, "out", os.fspath(self.out))

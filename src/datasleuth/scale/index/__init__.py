@@ -33,7 +33,8 @@ layer's effective dimension and picks projection sizes within a byte budget.
 Modules: :mod:`.config` (what an index stores), :mod:`.projection` (the seeded
 projections and the projected scorer), :mod:`.curvature` (the projected Gauss-Newton,
 a :class:`~datasleuth.preconditioner.Preconditioner` over projected rows),
-:mod:`.store` (the directory on disk), :mod:`.search` (exact and FAISS search),
+:mod:`.codec` (float or int8/int4 rows), :mod:`.store` (the directory on disk),
+:mod:`.search` (exact and FAISS search),
 :mod:`.build` (streaming the corpus into shards, resumable).
 
 Example::
@@ -58,7 +59,7 @@ Example::
 from __future__ import annotations
 
 from datasleuth.scale.index.build import build_index
-from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, WHITENINGS, IndexConfig
+from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE, WHITENINGS, IndexConfig
 from datasleuth.scale.index.curvature import (
     ProjectedCurvature,
     Whitened,
@@ -80,6 +81,7 @@ __all__ = [
     "LayerProjection",
     "ProjectedCurvature",
     "ProjectedScorer",
+    "STORAGE",
     "WHITENINGS",
     "Whitened",
     "auto_config",

@@ -22,13 +22,15 @@ from datasleuth.errors import DatasleuthError
 from datasleuth.fsdp import is_sharded
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.progress import progress_counter
-from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, IndexConfig
+from datasleuth.scale.index.codec import encode
+from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, IndexConfig
 from datasleuth.scale.index.projection import LayerProjection, make_projections
 from datasleuth.scale.index.sizing import size_report
 from datasleuth.scale.index.store import MANIFEST, PROJECTIONS, GradientIndex, shard_name
 from datasleuth.storage import model_fingerprint, read_json, save_tensors, write_json
 from datasleuth.streaming import BatchEnd, stream
 from datasleuth.task import Task
+from datasleuth.utils import compute_dtype
 
 __all__ = ["build_index", "projected_rows"]
 
@@ -96,7 +98,7 @@ def _open_for_build(
         index.check_model(model)
         _check_curvature(index, curvature)
         return index
-    projections = make_projections(layers, config, curvature)
+    projections = make_projections(layers, config, curvature, compute_dtype(model))
     manifest = _new_manifest(model, layers, config, projections, curvature)
     if not _writes():
         return GradientIndex(directory, manifest, projections)
@@ -253,19 +255,17 @@ def projected_rows(model: nn.Module, task: Task, loader: Any, layers: list[Track
 
 def _save_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tensor,
                 name: str) -> dict:
-    """Write rows lo..hi of the part as shard file ``name``; its manifest entry."""
-    config = index.config
-    stored = rows.to(STORAGE_DTYPES[config.dtype])
-    if not bool(torch.isfinite(stored).all()):
-        raise DatasleuthError(
-            f"projected gradients of rows {lo}..{hi} are not finite in {config.dtype} "
-            f"(max |x| = {float(rows.abs().max()):.3g}); use IndexConfig(dtype='float32')"
-        )
+    """Write rows lo..hi of the part as shard file ``name`` (stored as :mod:`.codec` says);
+    its manifest entry."""
+    try:
+        tensors = encode(rows, [p.dim for p in index.projections], index.config.dtype)
+    except DatasleuthError as e:
+        raise DatasleuthError(f"rows {lo}..{hi}: {e}") from None
     start = part["first_row"] + lo
-    save_tensors(index.directory / name, {"rows": stored},
+    save_tensors(index.directory / name, tensors,
                  {"format_version": INDEX_FORMAT_VERSION, "start": start,
-                  "stop": start + len(stored), "fingerprint": index.fingerprint})
-    return {"file": name, "start": start, "stop": start + len(stored)}
+                  "stop": start + len(rows), "fingerprint": index.fingerprint})
+    return {"file": name, "start": start, "stop": start + len(rows)}
 
 
 def _write_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tensor) -> None:

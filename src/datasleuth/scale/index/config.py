@@ -10,11 +10,14 @@ import torch
 
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer
+from datasleuth.scale.index.codec import FLOAT_DTYPES, QUANTISED
 
-__all__ = ["INDEX_FORMAT_VERSION", "IndexConfig", "KSpec", "STORAGE_DTYPES", "WHITENINGS"]
+__all__ = ["INDEX_FORMAT_VERSION", "IndexConfig", "KSpec", "STORAGE", "STORAGE_DTYPES",
+           "WHITENINGS"]
 
 INDEX_FORMAT_VERSION = 1
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+STORAGE_DTYPES: dict[str, torch.dtype] = dict(FLOAT_DTYPES)
+STORAGE = (*FLOAT_DTYPES, *QUANTISED)  # every storage of rows (:mod:`.codec`)
 _PROJECTION_KINDS = ("gaussian", "identity", "eigen")
 WHITENINGS = ("ekfac", "kron", "none")
 
@@ -44,9 +47,11 @@ class IndexConfig:
             ``"identity"`` (no projection: requires full sizes; exact unprojected
             influence, for small models and tests).
         seed: seed of the Gaussian projections (combined with each layer's name).
-        dtype: storage dtype of the rows, ``"float16"`` (default), ``"float32"`` or
-            ``"float64"`` (tests, references). Gradients are always computed in float32
-            (float64 for float64 models) and cast at the end.
+        dtype: storage of the rows, ``"float16"`` (default), ``"float32"`` or
+            ``"float64"`` (tests, references), or quantised per row and layer to
+            ``"int8"`` or ``"int4"`` (:mod:`.codec`: 2× or 4× the coordinates of float16
+            in the same bytes). Gradients are always computed in float32 (float64 for
+            float64 models) and stored at the end.
         shard_size: sequences per shard file (the unit of resuming and of exact search).
         whitening: ``"none"`` (LoGra: plain projections, queries preconditioned by a
             curvature refitted in the projected space), ``"kron"`` (Kronecker-factored
@@ -89,8 +94,8 @@ class IndexConfig:
                                   "with whitening='ekfac'")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise DatasleuthError(f"seed must be an integer, got {self.seed!r}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise DatasleuthError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, "
+        if self.dtype not in STORAGE:
+            raise DatasleuthError(f"dtype must be one of {', '.join(STORAGE)}, "
                                   f"not {self.dtype!r}")
         if not (isinstance(self.shard_size, int) and self.shard_size >= 1):
             raise DatasleuthError(f"shard_size must be a positive integer, got {self.shard_size!r}")

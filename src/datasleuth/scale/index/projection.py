@@ -156,16 +156,16 @@ def _require_basis(layer: LayerCurvature) -> None:
 
 
 def _whitened(layer: TrackedLayer, curv: LayerCurvature, whitening: str,
-              sketch: tuple[Tensor | None, Tensor | None], k: tuple[int, int]
-              ) -> LayerProjection:
+              sketch: tuple[Tensor | None, Tensor | None], k: tuple[int, int],
+              dtype: torch.dtype | None = None) -> LayerProjection:
     p_out, p_in = sketch
     if whitening == "kron":
         w_s, w_a = kron_root(curv)
         p_out = w_s if p_out is None else p_out @ w_s
         p_in = w_a if p_in is None else p_in @ w_a
         return LayerProjection(layer.name, k[0], k[1], p_out, p_in)
-    _require_basis(curv)  # bases and root kept in the curvature's dtype (float32 usually)
-    dtype = curv.eigenvalues.dtype
+    _require_basis(curv)  # bases and root kept in ``dtype``: the gradients' own
+    dtype = dtype or curv.eigenvalues.dtype
     sigma = curv.eigenvalues.double().clamp_min(0)
     scale = (sigma + curv.damping).rsqrt().to(dtype)
     select = None
@@ -173,14 +173,16 @@ def _whitened(layer: TrackedLayer, curv: LayerCurvature, whitening: str,
         energy = (sigma / (sigma + curv.damping)).reshape(-1)
         select = torch.sort(torch.topk(energy, k[0] * k[1]).indices).values
         p_out = p_in = None
-    return LayerProjection(layer.name, k[0], k[1], p_out, p_in, curv.q_out.dense(),
-                           curv.q_in.dense(), scale, select)
+    return LayerProjection(layer.name, k[0], k[1], p_out, p_in, curv.q_out.dense().to(dtype),
+                           curv.q_in.dense().to(dtype), scale, select)
 
 
 def make_projections(layers: Sequence[TrackedLayer], config: IndexConfig,
-                     curvature: Curvature | None = None) -> list[LayerProjection]:
+                     curvature: Curvature | None = None, dtype: torch.dtype | None = None
+                     ) -> list[LayerProjection]:
     """The projections of ``config`` for every layer, in layer order (whitened by
-    ``curvature`` unless ``config.whitening == "none"``)."""
+    ``curvature`` unless ``config.whitening == "none"``; the EK-FAC bases and root in
+    ``dtype``, the dtype gradients are computed in, default the curvature's)."""
     if config.whitening != "none":
         if curvature is None:
             raise DatasleuthError(f"whitening={config.whitening!r} needs the fitted curvature; "
@@ -206,7 +208,7 @@ def make_projections(layers: Sequence[TrackedLayer], config: IndexConfig,
             out.append(LayerProjection(layer.name, k_out, k_in, *sketch))
         else:
             out.append(_whitened(layer, curvature.layers[layer.name], config.whitening,
-                                 sketch, (k_out, k_in)))
+                                 sketch, (k_out, k_in), dtype))
     return out
 
 

@@ -21,7 +21,8 @@ import torch
 from datasleuth.curvature import Curvature, LayerCurvature
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer
-from datasleuth.scale.index.config import STORAGE_DTYPES, IndexConfig
+from datasleuth.scale.index.codec import numbers_within
+from datasleuth.scale.index.config import IndexConfig
 
 __all__ = ["DEFAULT_DISTORTION", "auto_config", "auto_dims", "effective_dimension",
            "size_report"]
@@ -90,7 +91,7 @@ def auto_dims(layers: Sequence[TrackedLayer], curvature: Curvature, bytes_per_se
         raise DatasleuthError(f"bytes_per_sequence must be a positive integer, got "
                               f"{bytes_per_sequence!r}")
     report = size_report(layers, curvature, distortion)
-    budget = bytes_per_sequence // STORAGE_DTYPES[dtype].itemsize
+    budget = numbers_within(bytes_per_sequence, dtype, len(layers))
     if budget < len(layers):
         raise DatasleuthError(f"{bytes_per_sequence} bytes per sequence hold fewer than one "
                               f"{dtype} number per layer; raise --bytes-per-sequence")

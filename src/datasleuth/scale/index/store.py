@@ -8,9 +8,11 @@ Directory layout (all writes atomic; ``manifest.json`` is rewritten after every 
 * ``projections.safetensors`` -- ``{layer}/in`` (k_in, M+1) and ``{layer}/out`` (k_out, P),
   float64 (absent for the identity projection); with whitening the root is folded in
   (``"kron"``) or stored beside them as ``{layer}/q_in``, ``/q_out``, ``/scale``
-  (``"ekfac"``; :mod:`.projection`).
-* ``shard_00000.safetensors`` ... -- ``rows`` (n, D) in the storage dtype; the header holds
-  the global row range ``[start, stop)`` it covers.
+  (``"ekfac"``, in the dtype gradients are computed in: float32 unless the model is
+  float64; :mod:`.projection`).
+* ``shard_00000.safetensors`` ... -- ``rows`` (n, D) in the storage dtype, or quantised
+  ``codes`` and ``scales`` (:mod:`.codec`); the header holds the global row range
+  ``[start, stop)`` it covers.
 * ``curvature.safetensors`` -- the projected Gauss-Newton (:mod:`.curvature`).
 * ``ann_ivf.faiss`` / ``ann_hnsw.faiss`` + ``.json`` -- approximate search (:mod:`.search`).
 """
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, layers_by_name, resolve_layers
+from datasleuth.scale.index.codec import decode, row_bytes, stored_shapes
 from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, IndexConfig
 from datasleuth.scale.index.curvature import CURVATURE_FILE, ProjectedCurvature, Whitened
 from datasleuth.scale.index.projection import LayerProjection
@@ -106,9 +109,15 @@ class GradientIndex:
         return sum(p.dim for p in self.projections)
 
     @property
+    def widths(self) -> list[int]:
+        """Numbers of each layer in a row, in index order."""
+        return [p.dim for p in self.projections]
+
+    @property
     def bytes_per_row(self) -> int:
-        """Disk per indexed sequence: D numbers in the storage dtype."""
-        return self.dim * STORAGE_DTYPES[self.config.dtype].itemsize
+        """Disk per indexed sequence: D numbers in the storage dtype (with a scale per
+        layer when quantised)."""
+        return row_bytes(self.config.dtype, self.widths)
 
     @property
     def layer_slices(self) -> dict[str, slice]:
@@ -183,22 +192,30 @@ class GradientIndex:
             )
 
     # -- rows
-    def _mapped(self, shard: dict) -> np.ndarray:
-        """The rows of one shard, memory-mapped (n, D) in the storage dtype."""
-        rows = memmap_safetensors(self.directory / shard["file"], "rebuild the index")["rows"]
-        if rows.shape != (shard["stop"] - shard["start"], self.dim):
-            raise DatasleuthError(f"{shard['file']} has shape {tuple(rows.shape)}, not the "
-                                  "one in the manifest; rebuild the index")
-        return rows
+    def _mapped(self, shard: dict) -> dict[str, np.ndarray]:
+        """The stored tensors of one shard, memory-mapped (:mod:`.codec`)."""
+        mapped = memmap_safetensors(self.directory / shard["file"], "rebuild the index")
+        want = stored_shapes(self.config.dtype, shard["stop"] - shard["start"], self.widths)
+        for name, shape in want.items():
+            if name not in mapped or tuple(mapped[name].shape) != shape:
+                got = tuple(mapped[name].shape) if name in mapped else "nothing"
+                raise DatasleuthError(f"{shard['file']} holds {name} of shape {got}, not "
+                                      f"{shape} as the manifest says; rebuild the index")
+        return mapped
+
+    def _decode(self, mapped: dict[str, np.ndarray], pick: slice | np.ndarray,
+                dtype: torch.dtype | None) -> Tensor:
+        """Rows ``pick`` of a mapped shard as floats (n, D)."""
+        return decode({k: np.array(v[pick]) for k, v in mapped.items()}, self.widths,
+                      self.config.dtype, dtype)
 
     def iter_blocks(self, dtype: torch.dtype | None = None, block_rows: int = 65536,
                     shards: Sequence[dict] | None = None) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(start, rows (n ≤ block_rows, D))`` read from memory-mapped shards."""
         for shard in self.manifest["shards"] if shards is None else shards:
             mapped = self._mapped(shard)
-            for lo in range(0, len(mapped), block_rows):
-                block = torch.from_numpy(np.array(mapped[lo : lo + block_rows]))
-                yield shard["start"] + lo, block if dtype is None else block.to(dtype)
+            for lo in range(0, shard["stop"] - shard["start"], block_rows):
+                yield shard["start"] + lo, self._decode(mapped, slice(lo, lo + block_rows), dtype)
 
     def iter_shards(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(start, rows (n, D))`` shard by shard, cast to ``dtype`` if given."""
@@ -211,13 +228,18 @@ class GradientIndex:
         starts = np.array([s["start"] for s in self.manifest["shards"]])
         flat = ids.numpy()
         which = np.searchsorted(starts, flat, side="right") - 1
-        out = np.zeros((len(flat), self.dim), dtype=np.dtype(self.config.dtype))
+        out = torch.zeros(len(flat), self.dim, dtype=dtype or self.row_dtype)
         for j in np.unique(which):
             shard = self.manifest["shards"][j]
             pick = which == j
-            out[pick] = self._mapped(shard)[flat[pick] - shard["start"]]
-        got = torch.from_numpy(out)
-        return got.to(dtype or STORAGE_DTYPES[self.config.dtype])
+            got = self._decode(self._mapped(shard), flat[pick] - shard["start"], out.dtype)
+            out[torch.from_numpy(pick)] = got
+        return out
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        """The dtype rows are read as by default: the float storage dtype, or float32."""
+        return STORAGE_DTYPES.get(self.config.dtype, torch.float32)
 
     def sample_rows(self, n: int) -> Tensor:
         """``n`` rows spread evenly over the index, float32 (for training FAISS)."""
@@ -228,7 +250,7 @@ class GradientIndex:
         """All rows in memory, (N, D). For small indices and tests."""
         parts = [rows for _, rows in self.iter_shards(dtype)]
         if not parts:
-            return torch.zeros(0, self.dim, dtype=dtype or STORAGE_DTYPES[self.config.dtype])
+            return torch.zeros(0, self.dim, dtype=dtype or self.row_dtype)
         return torch.cat(parts)
 
     # -- queries
