@@ -5,8 +5,9 @@ blocks, a reduced vocabulary (8192) so that the output layer does not dominate:
 
 * ``gpt2``: GPT-2 small's blocks (768 wide, 3072-wide MLP), MLP layers tracked;
 * ``llama``: Llama-3.2-1B's blocks (2048 wide, 8192-wide MLP, 32/8 heads), MLP tracked;
-* ``moe``: a small Mixtral (1024 wide, 8 experts of 1024, top 2); its fused expert
-  weights are not ``nn.Linear`` modules, so the attention projections are tracked.
+* ``moe``: a small Mixtral (1024 wide, 8 experts of 1024, top 2), attention projections
+  tracked (what Kronfluence can track: the fused expert weights are not ``nn.Linear``);
+* ``moe-experts``: the same model with every expert tracked on its own (datasleuth only).
 
 Per step, the time as a ratio to one plain training forward+backward over the same
 batches (``loss.backward()`` into every weight; the floor is timed in every round and
@@ -16,7 +17,7 @@ that does not grow with the corpus), scan against 1 query, 256 full-rank queries
 (preconditioning in seconds) and 256 rank-32 queries (compressing in seconds).
 
     pip install --no-deps kronfluence==1.0.1 einconv && pip install accelerate einops opt-einsum
-    python benchmarks/shapes.py --models gpt2,moe             # 2 CPU threads, minutes
+    python benchmarks/shapes.py --models gpt2,moe,moe-experts # 2 CPU threads, minutes
     python benchmarks/shapes.py --device cuda --models gpt2,llama,moe --seq-len 512 --n-seq 64
 """
 
@@ -83,12 +84,13 @@ def _model(name: str, n_layer: int, seq_len: int) -> tuple[torch.nn.Module, list
         cfg = tf.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
                              num_key_value_heads=8, **common)
         return tf.LlamaForCausalLM(cfg), ["*.mlp.*_proj"]
-    if name == "moe":
+    if name in ("moe", "moe-experts"):
         cfg = tf.MixtralConfig(hidden_size=1024, intermediate_size=1024, num_attention_heads=16,
                                num_key_value_heads=4, num_local_experts=8,
                                num_experts_per_tok=2, **common)
-        return tf.MixtralForCausalLM(cfg), ["*.self_attn.*_proj"]
-    raise SystemExit(f"unknown model {name!r}; choose gpt2, llama or moe")
+        tracked = ["*.experts.*"] if name == "moe-experts" else ["*.self_attn.*_proj"]
+        return tf.MixtralForCausalLM(cfg), tracked
+    raise SystemExit(f"unknown model {name!r}; choose gpt2, llama, moe or moe-experts")
 
 
 def _drop(first: int, scores: torch.Tensor) -> None:
@@ -241,8 +243,8 @@ def _bench(name: str, args: argparse.Namespace, device: torch.device) -> list[st
         model.zero_grad(set_to_none=True)
         model.eval()
 
-    eigh_seconds = []
-    inner = fitting.eigh_batched
+    eigh_seconds = []  # the eigendecompositions and the bases built from them
+    inner = fitting._eigenbases
 
     def timed_eigh(*a, **k):
         t0 = time.perf_counter()
@@ -250,7 +252,7 @@ def _bench(name: str, args: argparse.Namespace, device: torch.device) -> list[st
         eigh_seconds.append(time.perf_counter() - t0)
         return out
 
-    fitting.eigh_batched = timed_eigh
+    fitting._eigenbases = timed_eigh
     floor()  # warm-up: the first pass pays one-off allocation and kernel set-up costs
     rows: dict[str, list[tuple[float, int]]] = {}
     extra: dict[str, float] = {}
@@ -283,10 +285,10 @@ def _bench(name: str, args: argparse.Namespace, device: torch.device) -> list[st
         rows.setdefault(f"datasleuth: scan, {args.queries} rank-{args.rank} queries",
                         []).append((s, m))
         del low
-    fitting.eigh_batched = inner
+    fitting._eigenbases = inner
     base = statistics.median(s for s, _ in floors)
     out = _table(name, model, layers, args, device, base, floors, rows, extra, n_full)
-    if not args.no_kronfluence:
+    if not args.no_kronfluence and name != "moe-experts":
         out += _kronfluence_rows(model, layers, batches, q_batches, args, device, base)
     return out
 

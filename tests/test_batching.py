@@ -243,7 +243,7 @@ def test_randomized_svd_of_a_large_layer_is_near_optimal():
     optimal = sigma[:, 32:].norm(dim=1)
     residual = (v - left @ right).flatten(1).norm(dim=1)
     assert bool((residual >= optimal * (1 - 1e-9)).all())
-    assert bool((residual <= optimal * 1.001).all()), (residual / optimal).tolist()
+    assert bool((residual <= optimal * 1.005).all()), (residual / optimal).tolist()
     # The same query always compresses to the same factors.
     again = truncated_svd(v, 32)
     assert torch.equal(again[0], left) and torch.equal(again[1], right)

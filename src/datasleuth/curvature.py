@@ -28,7 +28,7 @@ from torch import Tensor
 from datasleuth.errors import DatasleuthError
 
 __all__ = ["Basis", "LayerCurvature", "Curvature", "CURVATURES", "EIGH_TOLERANCE",
-           "eigh_batched", "rotated_gradients"]
+           "eigh_batched", "rotated_gradients", "rotates_per_token"]
 
 CURVATURES = ("identity", "diagonal", "kfac", "ekfac")
 
@@ -71,6 +71,10 @@ class Basis:
 
     def to(self, device: torch.device | str) -> Basis:
         return Basis([b.to(device) for b in self.blocks])
+
+    def astype(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Basis:
+        """The same basis in ``dtype`` (on ``device``): rotating in it then converts nothing."""
+        return Basis([b.to(device=device, dtype=dtype) for b in self.blocks])
 
     def cost(self) -> int:
         """Multiply-adds of rotating one vector, Σ_i n_i² over the blocks."""
@@ -183,6 +187,13 @@ def _cost(basis: Basis | None) -> int:
     return basis.cost() if basis is not None else 0
 
 
+def rotates_per_token(t: int, q_out: Basis | None, q_in: Basis | None, p: int, m1: int
+                      ) -> bool:
+    """Whether rotating T tokens costs no more multiply-adds than rotating the summed
+    (P, M+1) gradient (:func:`rotated_gradients`)."""
+    return t * (_cost(q_out) + _cost(q_in)) <= p * _cost(q_in) + m1 * _cost(q_out)
+
+
 def rotated_gradients(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None,
                       per_token: bool | None = None) -> Tensor:
     """Q_Sᵀ DW̄_b Q_A for every sequence b, DW̄_b = Σ_t Ds_t ā_tᵀ: (B, P, M+1) (docs/method.md §3).
@@ -192,9 +203,8 @@ def rotated_gradients(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | N
     T (Σ p_i² + Σ m_i²) per sequence; rotating the summed gradient, Q_Sᵀ DW̄ Q_A, costs
     P Σ m_i² + (M+1) Σ p_i². Short sequences and wide layers favour the first.
     """
-    t, p, m1 = a.shape[1], g.shape[-1], a.shape[-1]
     if per_token is None:
-        per_token = t * (_cost(q_out) + _cost(q_in)) <= p * _cost(q_in) + m1 * _cost(q_out)
+        per_token = rotates_per_token(a.shape[1], q_out, q_in, g.shape[-1], a.shape[-1])
     if per_token:
         if q_in is not None:
             a = q_in.to_basis(a, -1)  # Q_Aᵀ ā_t, (B, T, M+1)
@@ -213,10 +223,15 @@ EIGH_TOLERANCE = 1e-5
 factor beyond it is decomposed again in float64."""
 
 
-def eigh_batched(factors: Sequence[Tensor], precision: str = "auto") -> list[tuple[Tensor, Tensor]]:
+def eigh_batched(factors: list[Tensor], precision: str = "auto", consume: bool = False
+                 ) -> list[tuple[Tensor, Tensor]]:
     """(Λ, Q) of each symmetric factor, float64 results, on the factors' own device.
 
-    Factors of equal size go to one batched ``torch.linalg.eigh``. ``precision``:
+    Factors of equal size go to one batched ``torch.linalg.eigh`` (on a GPU; a CPU takes
+    them one by one, so only one factor's temporaries exist at a time). With
+    ``consume``, each entry of ``factors`` is set to None once decomposed, so a caller
+    that handed over its only references holds the factors and bases together for one
+    factor at a time, not for all. ``precision``:
     ``"float64"``; ``"float32"`` (faster, on GPUs much faster); ``"auto"`` = float32, then
     a check of each result (:func:`_eigh_errors` ≤ :data:`EIGH_TOLERANCE`), redone in
     float64 where it fails. Eigenvalues are clamped at 0 (the factors are PSD).
@@ -227,11 +242,15 @@ def eigh_batched(factors: Sequence[Tensor], precision: str = "auto") -> list[tup
     by_size: dict[int, list[int]] = {}
     for i, c in enumerate(factors):
         by_size.setdefault(c.shape[0], []).append(i)
-    chunks = [idx[j:j + max(1, _EIGH_BATCH_BYTES // (8 * n * n))]
+    limit = _EIGH_BATCH_BYTES if factors and factors[0].device.type != "cpu" else 0
+    chunks = [idx[j:j + max(1, limit // (8 * n * n))]  # CPUs gain nothing from batching
               for n, idx in by_size.items()
-              for j in range(0, len(idx), max(1, _EIGH_BATCH_BYTES // (8 * n * n)))]
+              for j in range(0, len(idx), max(1, limit // (8 * n * n)))]
     for idx in chunks:  # one batched call per chunk of equal sizes, bounded memory
         c = torch.stack([factors[i] for i in idx]).double()
+        if consume:  # the caller's list was the last reference: free each factor now
+            for i in idx:
+                factors[i] = None  # type: ignore[call-overload]
         c = 0.5 * (c + c.transpose(-1, -2))
         dtype = torch.float64 if precision == "float64" else torch.float32
         lam, q = (x.double() for x in torch.linalg.eigh(c.to(dtype)))
@@ -240,7 +259,7 @@ def eigh_batched(factors: Sequence[Tensor], precision: str = "auto") -> list[tup
             if bool(bad.any()):
                 lam[bad], q[bad] = torch.linalg.eigh(c[bad])
         for j, i in enumerate(idx):
-            out[i] = (lam[j].clamp_min(0.0), q[j])
+            out[i] = (lam[j].clamp_min(0.0), q[j].contiguous())  # row-major, as Basis keeps it
     return out
 
 

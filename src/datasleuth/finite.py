@@ -68,8 +68,11 @@ def check_sums(sums: Mapping[str, Sequence[Tensor]], what: str, batch: int) -> N
     if not flat:
         return
     device = flat[0].device
-    if bool(torch.stack([torch.isfinite(t).all().to(device) for t in flat]).all()):
-        return  # the usual case: one host-device sync per batch, not one per tensor
+    totals = torch.stack([t.sum(dtype=torch.float64).to(device) for t in flat])
+    if bool(torch.isfinite(totals).all()):
+        return  # the usual case: one read of each sum and one host-device sync per batch
+    # A NaN or Inf anywhere makes its tensor's total non-finite; a total can also overflow
+    # with every entry finite, so the entries decide.
     for layer, tensors in sums.items():
         for t in tensors:
             check_finite(t, layer, what, f"after batch {batch}")

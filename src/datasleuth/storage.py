@@ -175,9 +175,18 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """safetensors file with ``metadata`` stored as JSON in its header, written atomically."""
+    """safetensors file with ``metadata`` stored as JSON in its header, written atomically.
+
+    Tensors numpy can view are streamed from their own memory, one at a time
+    (:func:`write_safetensors_stream`): safetensors' ``save_file`` first copies every
+    tensor into bytes, doubling the memory of a multi-GiB factor file while it writes.
+    """
     header = {"datasleuth": json.dumps(metadata, sort_keys=True)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if all(v.dtype in _STREAMED for v in tensors.values()):
+        write_safetensors_stream(path, [(k, _STREAMED[v.dtype], tuple(v.shape), v.numpy())
+                                        for k, v in sorted(tensors.items())], header)
+        return
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
 
@@ -207,6 +216,9 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     )
 }
 _COPY_CHUNK = 16 << 20
+_STREAMED = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+             torch.float16: "F16", torch.int32: "I32", torch.float32: "F32",
+             torch.int64: "I64", torch.float64: "F64"}  # torch dtypes numpy can view
 
 
 class StreamedTensor(NamedTuple):
