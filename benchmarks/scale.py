@@ -88,7 +88,7 @@ def _args() -> argparse.Namespace:
                    help="'-eigen': EK-FAC eigen-coordinate selection instead of a random sketch")
     p.add_argument("--auto-bytes", default="8192,16384",
                    help="also --proj-dim auto within these bytes per sequence")
-    p.add_argument("--auto-dtypes", default="float16,int8,int4",
+    p.add_argument("--auto-dtypes", default="float16,int8,int4,int2,int1",
                    help="row storages of the auto-sized variants")
     p.add_argument("--queries", type=int, default=32, help="held-out queries for agreement")
     p.add_argument("--search-rows", default="10000,100000,1000000")

@@ -195,11 +195,12 @@ def trace(**options: Any) -> None:
                    "(best agreement per byte measured); ekfac and kron (cheaper build) are "
                    "random Kronecker sketches after the exact or a Kronecker-factored root; "
                    "none is LoGra (curvature refitted in the projected space).")
-@click.option("--index-dtype", default="int4", show_default=True,
-              type=click.Choice(["int4", "int8", "float16", "float32"]),
-              help="Storage of the rows: int4/int8 are quantised per row and layer and hold "
-                   "4x/2x the numbers of float16 in the same bytes (best agreement per byte "
-                   "measured).")
+@click.option("--index-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "int1", "int2", "int4", "int8", "float16", "float32"]),
+              help="Storage of the rows: intN are quantised per row and layer to N bits and "
+                   "hold 16/N times the numbers of float16 in the same bytes; auto picks "
+                   "the bits that keep the most whitened energy within --bytes-per-sequence "
+                   "(float16 with a fixed --proj-dim).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random projections.")
 @click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1),
               help="Sequences per shard file (the unit of resuming).")

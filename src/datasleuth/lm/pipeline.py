@@ -20,7 +20,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,6 +289,8 @@ def build_corpus_index(
     config = config or IndexConfig()
     if bytes_per_sequence is not None and curvature is not None:
         config, _ = auto_config(config, layers, curvature, bytes_per_sequence)
+    elif config.dtype == "auto":  # fixed sizes: every number at 16 bits, as before
+        config = replace(config, dtype="float16")
     index = build_index(model, task, corpus.as_torch_dataset(), layers, directory,
                         config, batch_size=batch_size, collate_fn=corpus.collate,
                         progress=progress, curvature=curvature)
@@ -303,8 +305,8 @@ def build_corpus_index(
                                 index, fisher=fisher, progress=progress)
     barrier()  # rank 0 has written the index
     say(f"index {directory}: {index.rows} sequences x {index.dim} numbers "
-        f"({index.bytes_per_row} bytes per sequence, {len(index.layer_names)} layers, "
-        f"whitening {config.whitening})")
+        f"({index.bytes_per_row} bytes per sequence as {config.dtype}, "
+        f"{len(index.layer_names)} layers, whitening {config.whitening})")
     for name, r in (index.manifest.get("sizes") or {}).items():
         say(f"  {name}: effective dimension {r['effective_dimension']:.0f} of {r['size']}; "
             f"theory asks {r['theory_dim']} at distortion {r['distortion']}; "

@@ -280,8 +280,8 @@ class IndexOptions:
     """A projected-gradient index: its folder, projection (:class:`IndexConfig`), fit."""
 
     out: str | os.PathLike[str] = "datasleuth-index"
-    config: IndexConfig = field(default_factory=lambda: IndexConfig(  # int4 rows of EK-FAC
-        whitening="ekfac", projection="eigen", dtype="int4"))  # eigen-coordinates (§11)
+    config: IndexConfig = field(default_factory=lambda: IndexConfig(  # quantised rows of
+        whitening="ekfac", projection="eigen", dtype="auto"))  # EK-FAC eigen-coordinates
     batch_size: int = 8
     fisher: str = "sampled"
     max_sequences: int | None = None  # fit the projected curvature on at most this many

@@ -191,6 +191,10 @@ def build_index(
                               "iterable corpus in a list or a torch Dataset")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise DatasleuthError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if config.dtype == "auto":
+        raise DatasleuthError("IndexConfig(dtype='auto') is resolved within a byte budget: "
+                              "pass the config through auto_config(...) first, or name a "
+                              "storage such as 'int4'")
     tracked = resolve_layers(model, layers)
     directory = Path(out_dir)
     sharded = is_sharded(model)
@@ -207,13 +211,17 @@ def build_index(
         return index
     collate = collate_fn or default_collate
 
-    def shard_rows(lo: int, hi: int) -> Tensor:
+    def shard_rows(lo: int, hi: int) -> dict[str, Tensor]:
         loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size,
                             collate_fn=collate, shuffle=False)
-        rows = projected_rows(model, task, loader, tracked, index)
-        if rows.shape[0] != hi - lo:
-            raise DatasleuthError(f"rows {lo}..{hi} of the dataset gave {rows.shape[0]} "
-                                  "sequences; collate_fn must keep one row per item")
+        try:  # stored batch by batch: a shard is never held as float rows
+            rows = projected_rows(model, task, loader, tracked, index, store=True)
+        except DatasleuthError as e:
+            raise DatasleuthError(f"rows {lo}..{hi}: {e}") from None
+        n = len(next(iter(rows.values())))
+        if n != hi - lo:
+            raise DatasleuthError(f"rows {lo}..{hi} of the dataset gave {n} sequences; "
+                                  "collate_fn must keep one row per item")
         return rows
 
     with progress_counter("index", total=part["source_rows"], enabled=progress and not world()[0],
@@ -231,50 +239,54 @@ def build_index(
 
 
 def projected_rows(model: nn.Module, task: Task, loader: Any, layers: list[TrackedLayer],
-                   index: GradientIndex, on_rows: Callable[[int], None] | None = None
-                   ) -> Tensor:
-    """Projected log-likelihood gradients of every sequence of ``loader``: (n, D) on the CPU.
+                   index: GradientIndex, on_rows: Callable[[int], None] | None = None,
+                   store: bool = False) -> Any:
+    """Projected log-likelihood gradients of every sequence of ``loader``: (n, D) on the CPU,
+    or with ``store`` the shard tensors of the index's storage (:func:`.codec.encode`),
+    encoded batch by batch.
 
     ``on_rows(n)`` is told after every batch how many rows it gave (for progress).
     """
     features = index.features
     parts: dict[str, Tensor] = {}
-    chunks: list[Tensor] = []
+    chunks: list[Any] = []
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         parts[layer.name] = features[layer.name](a, g)  # (B, D_ℓ)
 
     def on_batch(end: BatchEnd) -> None:
-        chunks.append(torch.cat([parts.pop(n) for n in index.layer_names], dim=1).cpu())
+        rows = torch.cat([parts.pop(n) for n in index.layer_names], dim=1).cpu()
+        chunks.append(encode(rows, index.widths, index.config.dtype) if store else rows)
         if on_rows is not None:
             on_rows(end.size)
 
     stream(model, task, loader, layers, on_layer, on_batch=on_batch)
-    return torch.cat(chunks) if chunks else torch.zeros(0, index.dim)
+    if not store:
+        return torch.cat(chunks) if chunks else torch.zeros(0, index.dim)
+    if not chunks:
+        chunks = [encode(torch.zeros(0, index.dim), index.widths, index.config.dtype)]
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
 
-def _save_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tensor,
-                name: str) -> dict:
-    """Write rows lo..hi of the part as shard file ``name`` (stored as :mod:`.codec` says);
+def _save_shard(index: GradientIndex, part: dict, lo: int, hi: int,
+                tensors: dict[str, Tensor], name: str) -> dict:
+    """Write rows lo..hi of the part (stored tensors, :mod:`.codec`) as shard file ``name``;
     its manifest entry."""
-    try:
-        tensors = encode(rows, [p.dim for p in index.projections], index.config.dtype)
-    except DatasleuthError as e:
-        raise DatasleuthError(f"rows {lo}..{hi}: {e}") from None
-    start = part["first_row"] + lo
+    start, n = part["first_row"] + lo, hi - lo
     save_tensors(index.directory / name, tensors,
                  {"format_version": INDEX_FORMAT_VERSION, "start": start,
-                  "stop": start + len(rows), "fingerprint": index.fingerprint})
-    return {"file": name, "start": start, "stop": start + len(rows)}
+                  "stop": start + n, "fingerprint": index.fingerprint})
+    return {"file": name, "start": start, "stop": start + n}
 
 
-def _write_shard(index: GradientIndex, part: dict, lo: int, hi: int, rows: Tensor) -> None:
+def _write_shard(index: GradientIndex, part: dict, lo: int, hi: int,
+                 rows: dict[str, Tensor]) -> None:
     """Store rows lo..hi of the part as the next shard and record it in the manifest
     (under FSDP every process keeps the manifest; rank 0 writes)."""
     name = shard_name(len(index.manifest["shards"]))
     start = part["first_row"] + lo
     entry = (_save_shard(index, part, lo, hi, rows, name) if _writes()
-             else {"file": name, "start": start, "stop": start + rows.shape[0]})
+             else {"file": name, "start": start, "stop": start + hi - lo})
     index.manifest["shards"].append(entry)
     index.manifest["rows"] = entry["stop"]
     part["done"] = hi
@@ -291,7 +303,8 @@ def _rank_file(index: GradientIndex, rank: int) -> Path:
     return index.directory / f"manifest.rank{rank}.json"
 
 
-def _build_sharded(index: GradientIndex, part: dict, shard_rows: Callable[[int, int], Tensor],
+def _build_sharded(index: GradientIndex, part: dict,
+                   shard_rows: Callable[[int, int], dict[str, Tensor]],
                    on_rows: Callable[[int], None]) -> GradientIndex:
     """Many processes: shard j of the part goes to rank j mod world, named as one process
     would name it; each rank lists its shards in ``manifest.rank<r>.json`` (its resume

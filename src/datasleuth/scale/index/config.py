@@ -49,9 +49,11 @@ class IndexConfig:
         seed: seed of the Gaussian projections (combined with each layer's name).
         dtype: storage of the rows, ``"float16"`` (default), ``"float32"`` or
             ``"float64"`` (tests, references), or quantised per row and layer to
-            ``"int8"`` or ``"int4"`` (:mod:`.codec`: 2× or 4× the coordinates of float16
-            in the same bytes). Gradients are always computed in float32 (float64 for
-            float64 models) and stored at the end.
+            ``"int8"``, ``"int4"``, ``"int2"`` or ``"int1"`` (:mod:`.codec`: 2× to 16× the
+            coordinates of float16 in the same bytes), or ``"auto"``: chosen by
+            :func:`~.sizing.auto_config` within a byte budget (never stored). Gradients
+            are always computed in float32 (float64 for float64 models) and stored at
+            the end.
         shard_size: sequences per shard file (the unit of resuming and of exact search).
         whitening: ``"none"`` (LoGra: plain projections, queries preconditioned by a
             curvature refitted in the projected space), ``"kron"`` (Kronecker-factored
@@ -94,8 +96,8 @@ class IndexConfig:
                                   "with whitening='ekfac'")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             raise DatasleuthError(f"seed must be an integer, got {self.seed!r}")
-        if self.dtype not in STORAGE:
-            raise DatasleuthError(f"dtype must be one of {', '.join(STORAGE)}, "
+        if self.dtype not in (*STORAGE, "auto"):
+            raise DatasleuthError(f"dtype must be auto or one of {', '.join(STORAGE)}, "
                                   f"not {self.dtype!r}")
         if not (isinstance(self.shard_size, int) and self.shard_size >= 1):
             raise DatasleuthError(f"shard_size must be a positive integer, got {self.shard_size!r}")
