@@ -66,6 +66,10 @@ def test_estimate_counts_factors_queries_and_one_batch():
     b, t = 3, 5
     assert est.batch == max(4 * (b * t * (p + m) + b * p * m) for p, m in shapes.values())
     assert "factors" in est.lines()[0] and "queries" in est.lines()[0]
+    bases = 8 * (32 * 32 + 9 * 9 + 8 * 8 + 33 * 33)  # Q_S, Q_A of both layers, float64
+    assert est.fit_peak == est.factors + bases // 2  # + their float32 copy
+    assert "fit peak" in est.lines()[0]
+    assert estimate_memory(shapes, curvature="kfac").fit_peak == est.factors
     assert estimate_memory(shapes, curvature="identity").factors == 0
     assert estimate_memory(shapes, curvature="diagonal").factors == 8 * (32 * 9 + 8 * 33)
 

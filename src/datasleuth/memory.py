@@ -4,7 +4,9 @@ Counted per tracked layer of gradient shape (P, M+1) (docs/method.md §3, §4):
 
 * **factors** (fit): the running sums of A and S, Σ m_i² + Σ p_i² numbers over their
   diagonal blocks, and of the eigenvalues Λ, P (M+1), all float64 (8 bytes); the fitted
-  bases Q_A, Q_S take the same room as A and S.
+  bases Q_A, Q_S take the same room as A and S. The **fit's peak** is the eigenvalue
+  pass of EK-FAC: the bases in float64 and once more in the compute dtype (converted
+  once, not per batch) beside Λ; a K-FAC fit peaks at the sums (or the bases) and Λ.
 * **queries** (trace): Q P (M+1) numbers at full rank, Q k (P + M + 1) at rank k
   (:func:`datasleuth.scale.batching.memory_numbers`), in the compute dtype (float32).
 * **one batch**: the captured ā (B, T, M+1) and Ds (B, T, P) of a layer and the batch's
@@ -86,12 +88,15 @@ class MemoryEstimate:
     queries: int
     batch: int
     blocks: dict[str, int]
+    fit_peak: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per item."""
         split = {n: b for n, b in self.blocks.items() if b > 1}
-        out = [f"memory estimate: factors {_fmt(self.factors)}, queries {_fmt(self.queries)}, "
-               f"one batch {_fmt(self.batch)} (plus the model and its activations)"]
+        peak = f" (fit peak {_fmt(self.fit_peak)})" if self.fit_peak > self.factors else ""
+        out = [f"memory estimate: factors {_fmt(self.factors)}{peak}, queries "
+               f"{_fmt(self.queries)}, one batch {_fmt(self.batch)} (plus the model and its "
+               "activations)"]
         if split:
             out.append("factors split into blocks to fit the budget: " + ", ".join(
                 f"{n} x{b}" for n, b in split.items()))
@@ -121,7 +126,11 @@ def estimate_memory(
     b, t = batch_size, seq_len
     batch = max((b * t * (p + m1) + b * p * m1) * element_bytes for p, m1 in shapes.values())
     query_bytes = memory_numbers(shapes, queries, rank) * element_bytes if queries else 0
-    return MemoryEstimate(factors, query_bytes, batch, per_layer)
+    peak = factors
+    if curvature == "ekfac":  # Λ + the bases in float64 and in the compute dtype
+        peak += sum(factor_bytes(s, per_layer[n]) - factor_bytes(s, kronecker=False)
+                    for n, s in shapes.items()) * element_bytes // FLOAT64
+    return MemoryEstimate(factors, query_bytes, batch, per_layer, peak)
 
 
 def layer_shapes(layers: Sequence) -> dict[str, tuple[int, int]]:
