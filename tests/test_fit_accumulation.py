@@ -9,7 +9,7 @@ import torch
 from datasleuth import DatasleuthError
 from datasleuth.curvature import Basis, rotated_gradients
 from datasleuth.finite import check_sums
-from datasleuth.fitting import _add_gram, _add_widened, _sum_of_squares, _Workspace
+from datasleuth.sums import Workspace, add_gram, add_widened, sum_of_squares
 
 
 def _orthonormal(n: int, seed: int) -> Basis:
@@ -24,16 +24,16 @@ def test_widened_blocks_equal_one_widened_add(shape):
     total = torch.randn(shape, generator=g, dtype=torch.float64)
     x = torch.randn(shape, generator=g)
     want = total + x.double()
-    _add_widened(total, x)
+    add_widened(total, x)
     assert torch.equal(total, want)
 
 
 def test_gram_in_a_reused_buffer_equals_the_plain_product():
     g = torch.Generator().manual_seed(1)
-    work, total = _Workspace(), torch.zeros(6, 6, dtype=torch.float64)
+    work, total = Workspace(), torch.zeros(6, 6, dtype=torch.float64)
     xs = [torch.randn(10, 6, generator=g) for _ in range(3)]
     for x in xs:
-        _add_gram(total, x, work)
+        add_gram(total, x, work)
     want = sum((x.t() @ x).double() for x in xs)
     torch.testing.assert_close(total, want, rtol=1e-6, atol=1e-6)
     assert len(work._buffers) == 1  # one buffer for every batch of that width
@@ -41,7 +41,7 @@ def test_gram_in_a_reused_buffer_equals_the_plain_product():
 
 @pytest.mark.parametrize("tokens", [2, 40])  # per token and per sequence rotation
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sum_of_squares_equals_the_rotated_gradients_squared(tokens, dtype):
+def testsum_of_squares_equals_the_rotated_gradients_squared(tokens, dtype):
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4, tokens, 6, generator=g, dtype=dtype)
     s = torch.randn(4, tokens, 5, generator=g, dtype=dtype)
@@ -49,7 +49,7 @@ def test_sum_of_squares_equals_the_rotated_gradients_squared(tokens, dtype):
         if q_out is not None:
             q_out, q_in = Basis([q_out.blocks[0].to(dtype)]), Basis([q_in.blocks[0].to(dtype)])
         want = rotated_gradients(a, s, q_out, q_in).square().sum(0)
-        got = _sum_of_squares(a, s, q_out, q_in, _Workspace())
+        got = sum_of_squares(a, s, q_out, q_in, Workspace())
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 

@@ -31,8 +31,6 @@ from datasleuth.curvature import (
     Curvature,
     LayerCurvature,
     eigh_batched,
-    rotated_gradients,
-    rotates_per_token,
 )
 from datasleuth.distributed import active, all_reduce_int, all_reduce_sum, rank_seed, world
 from datasleuth.errors import DatasleuthError
@@ -43,6 +41,7 @@ from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.progress import stop_requested
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
+from datasleuth.sums import Workspace, add_gram, add_widened, sum_of_squares
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
 
@@ -368,76 +367,19 @@ def _require(count: int, layer: TrackedLayer) -> None:
         )
 
 
-_ADD_CHUNK_BYTES = 4 << 20
-
-
-def _add_widened(total: Tensor, x: Tensor) -> None:
-    """total += x for a float64 running sum and a lower-precision x, same bits as
-    ``total += x.double()``. On a CPU in row blocks of 4 MiB: widening a whole wide
-    factor at once allocates (and page-faults) a float64 copy of it, 3× slower for a
-    8192-wide one."""
-    if total.device.type != "cpu" or x.dtype == total.dtype or total.dim() == 0:
-        total.add_(x)
-        return
-    rows = max(1, _ADD_CHUNK_BYTES // max(1, total[0].numel() * total.element_size()))
-    for lo in range(0, total.shape[0], rows):
-        total[lo : lo + rows].add_(x[lo : lo + rows])
-
-
-class _Workspace:
-    """Reusable scratch matrices by (shape, dtype, device, slot). A CPU allocation of a
-    wide layer's (P, M+1) or (n, n) product is page-faulted afresh every time (hundreds
-    of MiB); reusing one per shape costs its memory once instead."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, Tensor] = {}
-
-    def get(self, shape: tuple[int, int], like: Tensor, slot: int = 0) -> Tensor:
-        key = (shape, like.dtype, like.device, slot)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return self._buffers[key]
-
-
-def _add_gram(total: Tensor, x: Tensor, work: _Workspace) -> None:
-    """total += xᵀ x (float64 total), the product formed in a reused buffer."""
-    n = x.shape[1]
-    _add_widened(total, torch.mm(x.t(), x, out=work.get((n, n), x)))
-
-
-def _sum_of_squares(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None,
-                    work: _Workspace) -> Tensor:
-    """Σ_b (Q_Sᵀ DW̄_b Q_A)^∘2 over the batch's sequences, (P, M+1) in a's dtype (§3).
-
-    Rotated per token (when cheaper, :func:`rotates_per_token`), each sequence's product
-    goes to one reused buffer, never a (B, P, M+1) tensor. The result is a workspace
-    buffer: use it before the next call.
-    """
-    p, m1 = g.shape[-1], a.shape[-1]
-    if not rotates_per_token(a.shape[1], q_out, q_in, p, m1):
-        return rotated_gradients(a, g, q_out, q_in, per_token=False).square_().sum(0)
-    a = q_in.to_basis(a, -1) if q_in is not None else a  # Q_Aᵀ ā_t, (B, T, M+1)
-    g = q_out.to_basis(g, -1) if q_out is not None else g  # Q_Sᵀ Ds_t, (B, T, P)
-    prod, total = work.get((p, m1), a, 0), work.get((p, m1), a, 1)
-    total.zero_()
-    for b in range(a.shape[0]):
-        total.add_(torch.mm(g[b].t(), a[b], out=prod).square_())
-    return total
-
-
 def _covariance_callbacks(stats: dict[str, _Stats]):
     """Accumulate A and S (their diagonal blocks) over unmasked tokens (§3)."""
     positions: dict[str, int] = {}
-    work = _Workspace()
+    work = Workspace()
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)
         a2 = a.reshape(-1, a.shape[-1])  # (B*T, M+1); padded rows are zero
         g2 = g.reshape(-1, g.shape[-1])  # (B*T, P)
         for i, (lo, hi) in enumerate(s.in_bounds):
-            _add_gram(s.a_cov[i], a2[:, lo:hi], work)
+            add_gram(s.a_cov[i], a2[:, lo:hi], work)
         for i, (lo, hi) in enumerate(s.out_bounds):
-            _add_gram(s.s_cov[i], g2[:, lo:hi], work)
+            add_gram(s.s_cov[i], g2[:, lo:hi], work)
         positions[layer.name] = a.shape[0] * a.shape[1]
 
     def on_batch(end: BatchEnd) -> None:
@@ -490,7 +432,7 @@ def _eigenbases(stats: dict[str, _Stats], precision: str) -> dict[str, tuple]:
 def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
     """Accumulate Σ_seq (Q_Sᵀ DW̄_seq Q_A)^∘2 (diagonal Fisher: Q = I) (§3)."""
     cast: dict[tuple, tuple] = {}  # the bases in the activations' dtype, converted once
-    work = _Workspace()
+    work = Workspace()
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)
@@ -499,6 +441,6 @@ def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
             cast[key] = tuple(None if q is None else q.astype(a.dtype, a.device)
                               for q in bases[layer.name][:2])
         q_out, q_in = cast[key]
-        _add_widened(s.lam, _sum_of_squares(a, g, q_out, q_in, work))
+        add_widened(s.lam, sum_of_squares(a, g, q_out, q_in, work))
 
     return on_layer

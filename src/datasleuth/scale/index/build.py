@@ -186,15 +186,7 @@ def build_index(
     the sketch size theory asks for (:mod:`.sizing`).
     """
     config = config or IndexConfig()
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise DatasleuthError("dataset must be map-style (len() and dataset[i]); wrap an "
-                              "iterable corpus in a list or a torch Dataset")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise DatasleuthError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if config.dtype == "auto":
-        raise DatasleuthError("IndexConfig(dtype='auto') is resolved within a byte budget: "
-                              "pass the config through auto_config(...) first, or name a "
-                              "storage such as 'int4'")
+    _check_arguments(dataset, batch_size, config)
     tracked = resolve_layers(model, layers)
     directory = Path(out_dir)
     sharded = is_sharded(model)
@@ -236,6 +228,18 @@ def build_index(
     if _writes():
         write_json(directory / MANIFEST, index.manifest)
     return index
+
+
+def _check_arguments(dataset: Any, batch_size: int, config: IndexConfig) -> None:
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise DatasleuthError("dataset must be map-style (len() and dataset[i]); wrap an "
+                              "iterable corpus in a list or a torch Dataset")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise DatasleuthError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if config.dtype == "auto":
+        raise DatasleuthError("IndexConfig(dtype='auto') is resolved within a byte budget: "
+                              "pass the config through auto_config(...) first, or name a "
+                              "storage such as 'int4'")
 
 
 def projected_rows(model: nn.Module, task: Task, loader: Any, layers: list[TrackedLayer],
