@@ -148,6 +148,11 @@ NOISE = {"int8": 1e-4, "int4": 0.01, "int2": 0.1175, "int1": 1 - 2 / math.pi}
 uniform 8 and 4 bits at the slice's maximum, about; Max's four levels; the sign)."""
 
 
+def _top_sum(e: Tensor, k: int) -> float:
+    """Sum of the k largest entries of e: one sort-free topk of k only."""
+    return float(e.sum()) if k >= len(e) else float(torch.topk(e, k, sorted=False).values.sum())
+
+
 def choose_storage(layers: Sequence[TrackedLayer], curvature: Curvature,
                    bytes_per_sequence: int, distortion: float = DEFAULT_DISTORTION
                    ) -> tuple[str, dict[str, float]]:
@@ -171,7 +176,7 @@ def choose_storage(layers: Sequence[TrackedLayer], curvature: Curvature,
         if budget < len(layers):
             continue
         counts = _eigen_counts(layers, curvature, budget, want, energy)
-        kept = sum(float(torch.topk(energy[n], counts[n]).values.sum()) for n in counts)
+        kept = sum(_top_sum(energy[n], counts[n]) for n in counts)
         figures[dtype] = kept / total * (1 - noise)
     if not figures:
         raise DatasleuthError(f"{bytes_per_sequence} bytes per sequence hold fewer than one "
