@@ -24,6 +24,7 @@ from datasleuth.scale.index import (
     build_index,
     fit_projected_curvature,
 )
+from datasleuth.scale.index.codec import stored_shapes
 from datasleuth.scale.index.projection import _gaussian
 from datasleuth.scoring import collect_scores, precondition_queries
 
@@ -175,10 +176,11 @@ def test_sampled_fisher_index_tracks_dense_gauss_newton(mlp_data, tmp_path):
         assert err < 0.25, (name, float(err))
 
 
-def test_append_and_resume_equal_one_build_bitwise(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "int1"])
+def test_append_and_resume_equal_one_build_bitwise(tmp_path, dtype):
     model, task = tiny_gpt2(vocab=13), CausalLMTask()
     seqs = _sequences(23)
-    cfg = IndexConfig(k_in=6, k_out=4, dtype="float32", shard_size=5)
+    cfg = IndexConfig(k_in=6, k_out=4, dtype=dtype, shard_size=5)
     kw = dict(batch_size=3, collate_fn=lm_batch, progress=False)
     ref = build_index(model, task, seqs, MLP, tmp_path / "one", cfg, **kw).load_rows()
     assert ref.dtype == torch.float32 and ref.shape[0] == 23
@@ -203,13 +205,15 @@ def test_append_and_resume_equal_one_build_bitwise(tmp_path):
     assert flaky.reads == []
     manifest = json.loads((tmp_path / "kill" / "manifest.json").read_text())
     assert manifest["rows"] == 23 and manifest["config"]["k_in"] == 6
-    shard = load_file(str(tmp_path / "kill" / "shard_00004.safetensors"))["rows"]
-    assert shard.shape == (3, resumed.dim)
+    shard = load_file(str(tmp_path / "kill" / "shard_00004.safetensors"))
+    assert {k: tuple(v.shape) for k, v in shard.items()} == stored_shapes(
+        dtype, 3, resumed.widths)
 
-    half = IndexConfig(k_in=6, k_out=4, dtype="float16", shard_size=5)
-    f16 = build_index(model, task, seqs, MLP, tmp_path / "f16", half, **kw).load_rows()
-    assert f16.dtype == torch.float16
-    torch.testing.assert_close(f16.float(), ref, rtol=2e-3, atol=1e-3)
+    if dtype == "float32":  # float16 storage is float32's rows, rounded
+        half = IndexConfig(k_in=6, k_out=4, dtype="float16", shard_size=5)
+        f16 = build_index(model, task, seqs, MLP, tmp_path / "f16", half, **kw).load_rows()
+        assert f16.dtype == torch.float16
+        torch.testing.assert_close(f16.float(), ref, rtol=2e-3, atol=1e-3)
 
 
 def _regression_index(tmp_path, n=3000, shard_size=700):

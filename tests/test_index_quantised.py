@@ -138,7 +138,7 @@ def test_quantised_index_searches_its_decoded_rows(tmp_path, dtype):
     torch.testing.assert_close(ann_scores, (q.float() @ rows.float().t()).gather(1, ann))
 
 
-def test_quantised_append_and_resume_equal_one_build(tmp_path):
+def test_quantised_append_keeps_the_rows_built_before(tmp_path):
     one = _linear_index(tmp_path / "one", "int4", n=900)
     _linear_index(tmp_path / "two", "int4", n=900)  # the same data again ...
     two = _linear_index(tmp_path / "two", "int4", n=500, append=True, seed=3)  # ... plus more

@@ -69,11 +69,9 @@ class Basis:
         """The full (block-diagonal) matrix Q."""
         return torch.block_diag(*self.blocks)
 
-    def to(self, device: torch.device | str) -> Basis:
-        return Basis([b.to(device) for b in self.blocks])
-
-    def astype(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Basis:
-        """The same basis in ``dtype`` (on ``device``): rotating in it then converts nothing."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+           ) -> Basis:
+        """The same basis on ``device`` (in ``dtype``: rotating in it then converts nothing)."""
         return Basis([b.to(device=device, dtype=dtype) for b in self.blocks])
 
     def cost(self) -> int:

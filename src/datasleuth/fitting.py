@@ -438,7 +438,7 @@ def _eigenvalue_fn(stats: dict[str, _Stats], bases: dict):
         s = stats[layer.name].on(a.device)
         key = (layer.name, a.dtype, a.device)
         if key not in cast:
-            cast[key] = tuple(None if q is None else q.astype(a.dtype, a.device)
+            cast[key] = tuple(None if q is None else q.to(a.device, a.dtype)
                               for q in bases[layer.name][:2])
         q_out, q_in = cast[key]
         add_widened(s.lam, sum_of_squares(a, g, q_out, q_in, work))

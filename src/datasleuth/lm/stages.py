@@ -59,8 +59,8 @@ def index_candidates(
         lists = [np.union1d(a, low[j].numpy()) for j, a in enumerate(lists)]
     stride = max(1, index.rows // sample)
     samples: list[list[float]] = [[] for _ in range(q.shape[0])]
-    for start, rows in index.iter_shards(q.dtype):
-        part = q @ rows[(-start) % stride :: stride].t()  # (Q, n_sampled)
+    for ids in torch.arange(0, index.rows, stride).split(index.block_rows(q.dtype)):
+        part = q @ index.gather_rows(ids, q.dtype).t()  # (Q, n_sampled): only these decoded
         for j in range(q.shape[0]):
             samples[j].extend(part[j].tolist())
     return lists, samples, [index.rows] * q.shape[0]

@@ -41,9 +41,11 @@ def randomized_svd(v: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     a batched matrix product or a thin QR, O(P M width) per query. With
     ``POWER_ITERATIONS`` = 2 and 16 columns of oversampling, the residual ‖Ṽ − L R‖ is
     within 0.35% of the optimal (Eckart-Young) one on a flat-spectrum test (4 iterations:
-    0.03%, at 1.7× the time; tests/test_batching.py holds it within 0.5%); on GPT-2-small
-    MLP queries (3072×769) the residual equalled the optimum to four digits, and
-    compressing them took a tenth of the time of a full SVD on CPU.
+    0.03%, at 1.7× the time; tests/test_batching.py holds it within 0.5%), about 1% on
+    rank-64 3072×769 matrices rescaled entrywise, in float32; on preconditioned
+    GPT-2-small MLP query gradients the relative residual agreed with the optimum's
+    within 0.1%. Eight 3072×769 float32 matrices took 0.12 s against 1.02 s for a full
+    SVD (2 CPU threads).
     """
     g = torch.Generator().manual_seed(0)
     omega = torch.randn(v.shape[2], width, generator=g, dtype=torch.float64)

@@ -33,13 +33,14 @@ import torch
 from torch import Tensor
 
 from datasleuth.errors import DatasleuthError
+from datasleuth.finite import all_finite
 
 __all__ = ["FLOAT_DTYPES", "QUANTISED", "decode", "encode", "numbers_within", "row_bytes",
            "stored_shapes"]
 
 FLOAT_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 QUANTISED = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}  # bits per number
-_THRESHOLDS_2 = (-0.9816, 0.0, 0.9816)
+_OUTER_2 = 0.9816  # Max's thresholds are ±0.9816 and 0
 _LEVELS_2 = (-1.510, -0.4528, 0.4528, 1.510)
 
 
@@ -80,12 +81,12 @@ def encode(rows: Tensor, widths: Sequence[int], dtype: str) -> dict[str, Tensor]
     values (they would decode to garbage, not to an error)."""
     if dtype in FLOAT_DTYPES:
         stored = rows.to(FLOAT_DTYPES[dtype])
-        if not _all_finite(stored):
+        if not all_finite(stored):
             raise DatasleuthError(
                 f"projected gradients are not finite in {dtype} (max |x| = "
                 f"{float(rows.abs().max()):.3g}); use IndexConfig(dtype='float32')")
         return {"rows": stored}
-    if not _all_finite(rows):
+    if not all_finite(rows):
         raise DatasleuthError("projected gradients are not finite; check the model's weights "
                               "and the fitted curvature")
     bits, d = QUANTISED[dtype], int(sum(widths))
@@ -105,12 +106,6 @@ def encode(rows: Tensor, widths: Sequence[int], dtype: str) -> dict[str, Tensor]
     return {"codes": codes, "scales": scales}
 
 
-def _all_finite(x: Tensor) -> bool:
-    """Whether every entry is finite: by the total first (one cheap pass; NaN or Inf
-    anywhere makes it non-finite), by the entries only when the total is not."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float64))) or bool(torch.isfinite(x).all())
-
-
 def _chunk_rows(d: int) -> int:
     """Rows per block of encoding or decoding: about 4 M numbers."""
     return max(1, (1 << 22) // max(1, d))
@@ -125,7 +120,7 @@ def _quantise(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     if bits == 2:  # cells at the RMS, then the least-squares scale of their levels
         a = x.abs()
         rms = x.square().mean(1).sqrt()
-        big = a > _THRESHOLDS_2[2] * rms[:, None]  # |x| beyond the outer thresholds
+        big = a > _OUTER_2 * rms[:, None]  # |x| beyond the outer thresholds
         mag = torch.where(big, _LEVELS_2[3], _LEVELS_2[2])  # |T[u]|; T[u] has x's sign
         scale = (a * mag).sum(1) / mag.square().sum(1)
         pos = (x > 0).to(torch.uint8)  # u = 0, 1 (negative), 2, 3 (positive)

@@ -40,6 +40,7 @@ from datasleuth.storage import load_tensors, memmap_safetensors, model_fingerpri
 __all__ = ["MANIFEST", "PROJECTIONS", "GradientIndex", "shard_name"]
 
 MANIFEST = "manifest.json"
+_BLOCK_BYTES = 256 << 20
 PROJECTIONS = "projections.safetensors"
 
 
@@ -209,9 +210,12 @@ class GradientIndex:
         return decode({k: np.array(v[pick]) for k, v in mapped.items()}, self.widths,
                       self.config.dtype, dtype)
 
-    def iter_blocks(self, dtype: torch.dtype | None = None, block_rows: int = 65536,
+    def iter_blocks(self, dtype: torch.dtype | None = None, block_rows: int | None = None,
                     shards: Sequence[dict] | None = None) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(start, rows (n ≤ block_rows, D))`` read from memory-mapped shards."""
+        """Yield ``(start, rows (n ≤ block_rows, D))`` read from memory-mapped shards; by
+        default blocks of about 256 MiB decoded (rows are wide when quantised: 16 KiB of
+        one-bit codes decode to half a MiB of float32)."""
+        block_rows = block_rows or self.block_rows(dtype)
         for shard in self.manifest["shards"] if shards is None else shards:
             mapped = self._mapped(shard)
             for lo in range(0, shard["stop"] - shard["start"], block_rows):
@@ -235,6 +239,10 @@ class GradientIndex:
             got = self._decode(self._mapped(shard), flat[pick] - shard["start"], out.dtype)
             out[torch.from_numpy(pick)] = got
         return out
+
+    def block_rows(self, dtype: torch.dtype | None = None) -> int:
+        """Rows that decode to about 256 MiB in ``dtype`` (default :attr:`row_dtype`)."""
+        return max(1, _BLOCK_BYTES // max(1, self.dim * (dtype or self.row_dtype).itemsize))
 
     @property
     def row_dtype(self) -> torch.dtype:
@@ -275,7 +283,7 @@ class GradientIndex:
     def scores(self, queries: Mapping[str, Tensor] | Tensor) -> Tensor:
         """Influence of every indexed sequence on every query, (Q, N), in the queries' dtype."""
         q = self.flatten(queries)
-        return torch.cat([q @ rows.t() for _, rows in self.iter_shards(q.dtype)], dim=1)
+        return torch.cat([q @ rows.t() for _, rows in self.iter_blocks(q.dtype)], dim=1)
 
     def search(
         self,
