@@ -28,14 +28,22 @@ def test_widened_blocks_equal_one_widened_add(shape):
     assert torch.equal(total, want)
 
 
-def test_gram_in_a_reused_buffer_equals_the_plain_product():
+@pytest.mark.parametrize("block", [64, 4, 3])  # whole product; strips of 4 and of 3 (ragged)
+def test_gram_in_reused_buffers_equals_the_plain_product(monkeypatch, block):
+    """Triangular strips (sums.add_gram) completed by sums.symmetrize: xᵀx summed."""
+    import datasleuth.sums as sums
+
+    monkeypatch.setattr(sums, "GRAM_BLOCK", block)
     g = torch.Generator().manual_seed(1)
-    work, total = Workspace(), torch.zeros(6, 6, dtype=torch.float64)
-    xs = [torch.randn(10, 6, generator=g) for _ in range(3)]
+    work, total = Workspace(), torch.zeros(14, 14, dtype=torch.float64)
+    xs = [torch.randn(10, 14, generator=g, dtype=torch.float64) for _ in range(3)]
     for x in xs:
         add_gram(total, x, work)
-    want = sum((x.t() @ x).double() for x in xs)
-    torch.testing.assert_close(total, want, rtol=1e-6, atol=1e-6)
+    want = sum(x.t() @ x for x in xs)
+    torch.testing.assert_close(total.tril(), want.tril(), rtol=1e-12, atol=1e-12)
+    got = sums.symmetrize(total)
+    assert torch.equal(got, got.t())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert len(work._buffers) == 1  # one buffer for every batch of that width
 
 

@@ -103,3 +103,29 @@ def test_batched_eigendecompositions_in_chunks_equal_one_at_a_time(monkeypatch):
         ref_lam, ref_q = torch.linalg.eigh(c)
         torch.testing.assert_close(lam, ref_lam.clamp_min(0), rtol=1e-10, atol=1e-13)
         torch.testing.assert_close((q * lam) @ q.t(), c, rtol=1e-9, atol=1e-12)
+
+
+def test_sampled_labels_follow_the_softmax_and_never_draw_impossible_tokens(monkeypatch):
+    """Inverse-CDF sampling (task._sample_categorical): frequencies within 5 standard
+    errors of softmax(logits) in every row block, -inf logits never drawn, the same
+    draws for the same seed whatever the block size, float64 logits left unchanged."""
+    from datasleuth import task as task_module
+
+    logits = torch.tensor([[0.0, 1.0, -1.0, float("-inf"), 2.0, -3.0]]).expand(60_000, 6)
+    logits = logits.reshape(300, 200, 6)
+    draws = task_module._sample_categorical(logits, torch.Generator().manual_seed(1))
+    assert draws.shape == (300, 200) and draws.dtype == torch.long
+    p = torch.softmax(logits[0, 0].double(), -1)
+    freq = torch.bincount(draws.flatten(), minlength=6).double() / draws.numel()
+    se = (p * (1 - p) / draws.numel()).sqrt()
+    assert freq[3] == 0
+    assert ((freq - p).abs() <= 5 * se + 1e-12).all(), (freq, p)
+    monkeypatch.setattr(task_module, "_SAMPLE_CHUNK_BYTES", 8 * 6 * 7)  # 7-row blocks
+    again = task_module._sample_categorical(logits, torch.Generator().manual_seed(1))
+    assert torch.equal(again, draws)
+    other = task_module._sample_categorical(logits, torch.Generator().manual_seed(2))
+    assert not torch.equal(other, draws)
+    wide = torch.randn(4, 5, dtype=torch.float64)
+    kept = wide.clone()
+    task_module._sample_categorical(wide, torch.Generator().manual_seed(0))
+    assert torch.equal(wide, kept)  # float64 logits are not changed in place

@@ -41,7 +41,7 @@ from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.progress import stop_requested
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
-from datasleuth.sums import Workspace, add_gram, add_widened, sum_of_squares
+from datasleuth.sums import Workspace, add_gram, add_widened, sum_of_squares, symmetrize
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
 
@@ -414,8 +414,8 @@ def _eigenbases(stats: dict[str, _Stats], precision: str) -> dict[str, tuple]:
     :data:`datasleuth.curvature.EIGH_TOLERANCE`).
     """
     names = list(stats)
-    mats = [c.div_(max(stats[n].tokens, 1)) for n in names
-            for c in stats[n].a_cov + stats[n].s_cov]  # in place
+    mats = [symmetrize(c).div_(max(stats[n].tokens, 1)) for n in names
+            for c in stats[n].a_cov + stats[n].s_cov]  # in place; add_gram kept the lower half
     counts = {n: (len(stats[n].a_cov), len(stats[n].s_cov)) for n in names}
     for n in names:  # ``mats`` holds the only references: each is freed once decomposed
         stats[n].a_cov, stats[n].s_cov = [], []

@@ -16,9 +16,12 @@ from torch import Tensor
 
 from datasleuth.curvature import Basis, rotated_gradients, rotates_per_token
 
-__all__ = ["Workspace", "add_gram", "add_widened", "sum_of_squares"]
+__all__ = ["Workspace", "add_gram", "add_widened", "sum_of_squares", "symmetrize"]
 
 _ADD_CHUNK_BYTES = 4 << 20
+GRAM_BLOCK = 512
+"""Columns per strip of a triangular Gram (:func:`add_gram`); narrower factors (fewer than
+three strips) are multiplied whole."""
 
 
 def add_widened(total: Tensor, x: Tensor) -> None:
@@ -50,9 +53,34 @@ class Workspace:
 
 
 def add_gram(total: Tensor, x: Tensor, work: Workspace) -> None:
-    """total += xᵀ x (float64 total), the product formed in a reused buffer."""
+    """The lower triangle of total += xᵀ x (float64 total), formed in reused buffers.
+
+    Only the lower triangle (diagonal included) is kept up to date: a factor wider than
+    three :data:`GRAM_BLOCK` strips is multiplied strip by strip below the diagonal,
+    x_{:,i}ᵀ x_{:,≤i}, which costs (k+1)/2k of the whole product in k strips (0.56 at
+    GPT-2's 3072, 0.53 at Llama-1B's 8192). :func:`symmetrize` completes the sum.
+    """
     n = x.shape[1]
-    add_widened(total, torch.mm(x.t(), x, out=work.get((n, n), x)))
+    if n < 3 * GRAM_BLOCK:
+        add_widened(total, torch.mm(x.t(), x, out=work.get((n, n), x)))
+        return
+    flat = work.get((1, GRAM_BLOCK * n), x)
+    for lo in range(0, n, GRAM_BLOCK):
+        hi = min(lo + GRAM_BLOCK, n)
+        strip = flat[0, : (hi - lo) * hi].view(hi - lo, hi)
+        add_widened(total[lo:hi, :hi], torch.mm(x[:, lo:hi].t(), x[:, :hi], out=strip))
+
+
+def symmetrize(total: Tensor) -> Tensor:
+    """Copy the lower triangle of a square sum to its upper one, in place, strip by strip
+    (the sums of :func:`add_gram`); returns ``total``."""
+    n = total.shape[0]
+    for lo in range(0, n, GRAM_BLOCK):
+        hi = min(lo + GRAM_BLOCK, n)
+        total[lo:hi, hi:].copy_(total[hi:, lo:hi].t())
+        diag = total[lo:hi, lo:hi]
+        diag.copy_(diag.tril() + diag.tril(-1).t())
+    return total
 
 
 def sum_of_squares(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None,
