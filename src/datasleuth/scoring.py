@@ -122,7 +122,7 @@ def collect_gradients(
            desc="query gradients", progress=progress)
     if not chunks[layers[0].name]:
         raise DatasleuthError("the query loader yielded no batches; give at least one query")
-    return {name: torch.cat(c) for name, c in chunks.items()}
+    return {name: torch.cat(c) if len(c) > 1 else c[0] for name, c in chunks.items()}
 
 
 def precondition_queries(
@@ -166,7 +166,9 @@ def query_coordinates(
     layers = layers_by_name(model, curv.layer_names)
     rotate = {name: curv.layers[name].rotated_gradients for name in curv.layer_names}
     rot = collect_gradients(model, task, queries, layers, "measurement", progress, rotate)
-    return {n: r * curv.layers[n].inverse_eigenvalues(r.dtype) for n, r in rot.items()}, curv
+    # in place: r is this call's own (Q, P, M+1) tensor, and a second one costs its size
+    return {n: r.mul_(curv.layers[n].inverse_eigenvalues(r.dtype)) for n, r in rot.items()
+            }, curv
 
 
 def scan(
