@@ -9,7 +9,7 @@ import torch
 from datasleuth import DatasleuthError
 from datasleuth.curvature import Basis, rotated_gradients
 from datasleuth.finite import check_sums
-from datasleuth.sums import Workspace, add_gram, add_widened, sum_of_squares
+from datasleuth.sums import Workspace, add_gram, add_widened, nonzero_rows, sum_of_squares
 
 
 def _orthonormal(n: int, seed: int) -> Basis:
@@ -47,12 +47,15 @@ def test_gram_in_reused_buffers_equals_the_plain_product(monkeypatch, block):
     assert len(work._buffers) == 1  # one buffer for every batch of that width
 
 
+@pytest.mark.parametrize("zeros", [False, True])  # all-zero tokens, as an expert layer sees
 @pytest.mark.parametrize("tokens", [2, 40])  # per token and per sequence rotation
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def testsum_of_squares_equals_the_rotated_gradients_squared(tokens, dtype):
+def testsum_of_squares_equals_the_rotated_gradients_squared(tokens, dtype, zeros):
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4, tokens, 6, generator=g, dtype=dtype)
     s = torch.randn(4, tokens, 5, generator=g, dtype=dtype)
+    if zeros:  # unrouted tokens (both zero), a zero input or gradient alone, a whole sequence
+        a[0, ::2], s[0, ::2], a[1, -1], s[2, 0], a[3], s[3] = 0, 0, 0, 0, 0, 0
     for q_out, q_in in ((_orthonormal(5, 3), _orthonormal(6, 4)), (None, None)):
         if q_out is not None:
             q_out, q_in = Basis([q_out.blocks[0].to(dtype)]), Basis([q_in.blocks[0].to(dtype)])
@@ -60,6 +63,18 @@ def testsum_of_squares_equals_the_rotated_gradients_squared(tokens, dtype):
         got = sum_of_squares(a, s, q_out, q_in, Workspace())
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_all_zero_rows_are_dropped_only_when_that_pays():
+    x = torch.randn(16, 3, dtype=torch.float64)
+    assert nonzero_rows(x) is x
+    x[:1] = 0  # 1 of 16 zero: kept whole
+    assert nonzero_rows(x) is x
+    x[::2] = 0
+    x[3, 1] = float("nan")  # not zero: kept, so the running sums still see it
+    got = nonzero_rows(x)
+    assert got.shape == (8, 3) and got[1, 1].isnan()
+    assert torch.equal(got.nan_to_num(), x[1::2].nan_to_num())
 
 
 def test_sums_are_checked_by_their_totals():

@@ -41,7 +41,14 @@ from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
 from datasleuth.progress import stop_requested
 from datasleuth.storage import load_tensors, model_fingerprint, save_tensors
 from datasleuth.streaming import BatchEnd, evaluation, stream
-from datasleuth.sums import Workspace, add_gram, add_widened, sum_of_squares, symmetrize
+from datasleuth.sums import (
+    Workspace,
+    add_gram,
+    add_widened,
+    nonzero_rows,
+    sum_of_squares,
+    symmetrize,
+)
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
 
@@ -374,8 +381,9 @@ def _covariance_callbacks(stats: dict[str, _Stats]):
 
     def on_layer(layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
         s = stats[layer.name].on(a.device)
-        a2 = a.reshape(-1, a.shape[-1])  # (B*T, M+1); padded rows are zero
-        g2 = g.reshape(-1, g.shape[-1])  # (B*T, P)
+        # (B*T, M+1) and (B*T, P) less their all-zero rows (padding, unrouted tokens)
+        a2 = nonzero_rows(a.reshape(-1, a.shape[-1]))
+        g2 = nonzero_rows(g.reshape(-1, g.shape[-1]))
         for i, (lo, hi) in enumerate(s.in_bounds):
             add_gram(s.a_cov[i], a2[:, lo:hi], work)
         for i, (lo, hi) in enumerate(s.out_bounds):

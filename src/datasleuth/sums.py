@@ -16,10 +16,13 @@ from torch import Tensor
 
 from datasleuth.curvature import Basis, rotated_gradients, rotates_per_token
 
-__all__ = ["Workspace", "add_gram", "add_widened", "sum_of_squares", "symmetrize"]
+__all__ = ["Workspace", "add_gram", "add_widened", "nonzero_rows", "sum_of_squares", "symmetrize"]
 
 _ADD_CHUNK_BYTES = 4 << 20
 GRAM_BLOCK = 512
+SPARSE_SHARE = 0.875
+"""Rows are gathered (:func:`nonzero_rows`) only when at most this share of them is
+nonzero; denser batches are used whole."""
 """Columns per strip of a triangular Gram (:func:`add_gram`); narrower factors (fewer than
 three strips) are multiplied whole."""
 
@@ -50,6 +53,22 @@ class Workspace:
         if key not in self._buffers:
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
+
+
+def _kept(keep: Tensor) -> Tensor | None:
+    """The boolean row mask when gathering pays (:data:`SPARSE_SHARE`), else None."""
+    return keep if int(keep.sum()) <= SPARSE_SHARE * keep.numel() else None
+
+
+def nonzero_rows(x: Tensor) -> Tensor:
+    """x (N, n) without its all-zero rows, or x itself when few are zero.
+
+    All-zero rows (padding; the tokens not routed to an expert, docs/method.md §2) add
+    nothing to xᵀx, and a mixture-of-experts layer sees mostly such rows (6 of 8 at
+    top-2 of 8 experts). A row holding NaN is not zero and is kept.
+    """
+    keep = _kept(~(x == 0).all(-1))
+    return x if keep is None else x[keep]
 
 
 def add_gram(total: Tensor, x: Tensor, work: Workspace) -> None:
@@ -88,16 +107,26 @@ def sum_of_squares(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None
     """Σ_b (Q_Sᵀ DW̄_b Q_A)^∘2 over the batch's sequences, (P, M+1) in a's dtype (§3).
 
     Rotated per token (when cheaper, :func:`rotates_per_token`), each sequence's product
-    goes to one reused buffer, never a (B, P, M+1) tensor. The result is a workspace
+    goes to one reused buffer, never a (B, P, M+1) tensor, and only tokens whose ā and Ds
+    are both nonzero are rotated (:func:`nonzero_rows`). The result is a workspace
     buffer: use it before the next call.
     """
     p, m1 = g.shape[-1], a.shape[-1]
-    if not rotates_per_token(a.shape[1], q_out, q_in, p, m1):
+    b, t = a.shape[:2]
+    keep = _kept(~(a == 0).all(-1) & ~(g == 0).all(-1))  # (B, T) or None
+    lengths = [t] * b if keep is None else keep.sum(1).tolist()
+    if not rotates_per_token(max(1, sum(lengths) // max(b, 1)), q_out, q_in, p, m1):
         return rotated_gradients(a, g, q_out, q_in, per_token=False).square_().sum(0)
-    a = q_in.to_basis(a, -1) if q_in is not None else a  # Q_Aᵀ ā_t, (B, T, M+1)
-    g = q_out.to_basis(g, -1) if q_out is not None else g  # Q_Sᵀ Ds_t, (B, T, P)
+    a = a.reshape(b * t, m1) if keep is None else a[keep]  # tokens of sequence after sequence
+    g = g.reshape(b * t, p) if keep is None else g[keep]
+    a = q_in.to_basis(a, -1) if q_in is not None else a  # Q_Aᵀ ā_t, (tokens, M+1)
+    g = q_out.to_basis(g, -1) if q_out is not None else g  # Q_Sᵀ Ds_t, (tokens, P)
     prod, total = work.get((p, m1), a, 0), work.get((p, m1), a, 1)
     total.zero_()
-    for b in range(a.shape[0]):
-        total.add_(torch.mm(g[b].t(), a[b], out=prod).square_())
+    start = 0
+    for n in lengths:
+        if n:
+            rows = slice(start, start + n)
+            total.add_(torch.mm(g[rows].t(), a[rows], out=prod).square_())
+        start += n
     return total
