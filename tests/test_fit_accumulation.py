@@ -65,6 +65,24 @@ def testsum_of_squares_equals_the_rotated_gradients_squared(tokens, dtype, zeros
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_per_example_gradients_over_live_tokens_equal_the_dense_sum(dtype):
+    from datasleuth.layers import live_tokens, per_example_gradients
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 9, 6, generator=g, dtype=dtype)
+    s = torch.randn(4, 9, 5, generator=g, dtype=dtype)
+    want = torch.einsum("btp,btm->bpm", s, a)
+    assert live_tokens(a, s) is None  # dense: the batched product
+    torch.testing.assert_close(per_example_gradients(a, s), want, rtol=0, atol=0)
+    a[:, 1::2], s[0, ::3], a[3], s[2, :5] = 0, 0, 0, 0  # unrouted tokens, padding
+    keep = live_tokens(a, s)
+    assert keep is not None and not keep[3].any()
+    want = torch.einsum("btp,btm->bpm", s, a)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(per_example_gradients(a, s), want, rtol=tol, atol=tol)
+
+
 def test_all_zero_rows_are_dropped_only_when_that_pays():
     x = torch.randn(16, 3, dtype=torch.float64)
     assert nonzero_rows(x) is x

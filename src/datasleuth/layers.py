@@ -41,6 +41,8 @@ __all__ = [
     "resolve_layers",
     "capture",
     "backward_to_outputs",
+    "gather_mask",
+    "live_tokens",
     "per_example_gradients",
     "suspend_capture",
 ]
@@ -389,6 +391,38 @@ def backward_to_outputs(objective: Tensor, state: _Capture) -> None:
     state.outputs = []
 
 
+SPARSE_SHARE = 0.875
+"""Rows are gathered (:func:`gather_mask`) only when at most this share of them is kept;
+denser batches are used whole."""
+
+
+def gather_mask(keep: Tensor) -> Tensor | None:
+    """``keep`` (a boolean row mask) when gathering its rows pays, else None."""
+    return keep if int(keep.sum()) <= SPARSE_SHARE * keep.numel() else None
+
+
+def live_tokens(a: Tensor, g: Tensor) -> Tensor | None:
+    """(B, T) mask of the tokens whose ā and Ds are both nonzero, the only ones adding to
+    DW̄ = Σ_t Ds_t ā_tᵀ, or None when few are not (:func:`gather_mask`).
+
+    Zero tokens are padding and, for an expert tracked on its own, the tokens not routed
+    to it (6 of 8 at top-2 of 8 experts, docs/method.md §2). A token holding NaN is not
+    zero and is kept.
+    """
+    return gather_mask(~(a == 0).all(-1) & ~(g == 0).all(-1))
+
+
 def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
-    """DW̄_b = Σ_t Ds_{b,t} ā_{b,t}ᵀ: (B,T,M+1), (B,T,P) -> (B,P,M+1)."""
-    return torch.einsum("btp,btm->bpm", g, a)
+    """DW̄_b = Σ_t Ds_{b,t} ā_{b,t}ᵀ: (B,T,M+1), (B,T,P) -> (B,P,M+1), over the live
+    tokens of each sequence only when many are zero (:func:`live_tokens`)."""
+    keep = live_tokens(a, g)
+    if keep is None:
+        return torch.einsum("btp,btm->bpm", g, a)
+    out = a.new_zeros(a.shape[0], g.shape[-1], a.shape[-1])
+    a_live, g_live = a[keep], g[keep]  # tokens of sequence after sequence
+    start = 0
+    for b, n in enumerate(keep.sum(1).tolist()):
+        if n:
+            out[b] = g_live[start : start + n].t() @ a_live[start : start + n]
+        start += n
+    return out

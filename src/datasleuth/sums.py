@@ -15,14 +15,12 @@ import torch
 from torch import Tensor
 
 from datasleuth.curvature import Basis, rotated_gradients, rotates_per_token
+from datasleuth.layers import gather_mask, live_tokens
 
 __all__ = ["Workspace", "add_gram", "add_widened", "nonzero_rows", "sum_of_squares", "symmetrize"]
 
 _ADD_CHUNK_BYTES = 4 << 20
 GRAM_BLOCK = 512
-SPARSE_SHARE = 0.875
-"""Rows are gathered (:func:`nonzero_rows`) only when at most this share of them is
-nonzero; denser batches are used whole."""
 """Columns per strip of a triangular Gram (:func:`add_gram`); narrower factors (fewer than
 three strips) are multiplied whole."""
 
@@ -55,11 +53,6 @@ class Workspace:
         return self._buffers[key]
 
 
-def _kept(keep: Tensor) -> Tensor | None:
-    """The boolean row mask when gathering pays (:data:`SPARSE_SHARE`), else None."""
-    return keep if int(keep.sum()) <= SPARSE_SHARE * keep.numel() else None
-
-
 def nonzero_rows(x: Tensor) -> Tensor:
     """x (N, n) without its all-zero rows, or x itself when few are zero.
 
@@ -67,7 +60,7 @@ def nonzero_rows(x: Tensor) -> Tensor:
     nothing to xᵀx, and a mixture-of-experts layer sees mostly such rows (6 of 8 at
     top-2 of 8 experts). A row holding NaN is not zero and is kept.
     """
-    keep = _kept(~(x == 0).all(-1))
+    keep = gather_mask(~(x == 0).all(-1))
     return x if keep is None else x[keep]
 
 
@@ -108,12 +101,12 @@ def sum_of_squares(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None
 
     Rotated per token (when cheaper, :func:`rotates_per_token`), each sequence's product
     goes to one reused buffer, never a (B, P, M+1) tensor, and only tokens whose ā and Ds
-    are both nonzero are rotated (:func:`nonzero_rows`). The result is a workspace
-    buffer: use it before the next call.
+    are both nonzero are rotated (:func:`datasleuth.layers.live_tokens`). The result is
+    a workspace buffer: use it before the next call.
     """
     p, m1 = g.shape[-1], a.shape[-1]
     b, t = a.shape[:2]
-    keep = _kept(~(a == 0).all(-1) & ~(g == 0).all(-1))  # (B, T) or None
+    keep = live_tokens(a, g)  # (B, T) or None
     lengths = [t] * b if keep is None else keep.sum(1).tolist()
     if not rotates_per_token(max(1, sum(lengths) // max(b, 1)), q_out, q_in, p, m1):
         return rotated_gradients(a, g, q_out, q_in, per_token=False).square_().sum(0)
