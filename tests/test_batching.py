@@ -249,7 +249,12 @@ def test_randomized_svd_of_a_large_layer_is_near_optimal():
     assert torch.equal(again[0], left) and torch.equal(again[1], right)
 
 
-def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup):
+@pytest.mark.parametrize("gather", [False, True])  # True: live tokens gathered (experts)
+def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup, monkeypatch, gather):
+    import datasleuth.layers
+
+    if gather:  # every batch takes the gathered-token path, padding left out
+        monkeypatch.setattr(datasleuth.layers, "SPARSE_SHARE", 1.0)
     model, task, _, seqs, _, pre, ref = lm_setup
     queries = LowRankQueries.from_preconditioned(pre, rank=3)
     assert queries.left  # some layers are low rank
@@ -259,5 +264,10 @@ def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup):
     torch.testing.assert_close(got["reconstruct"], got["tokens"], rtol=0, atol=1e-10)
     torch.testing.assert_close(got["auto"], got["tokens"], rtol=0, atol=1e-10)
     assert got["tokens"].abs().max() > 1e-3  # not a comparison of near-zero numbers
+    if gather:  # the same scores as every token taken whole
+        monkeypatch.undo()
+        whole = low_rank_scores(model, task, queries, _awkward(seqs), progress=False,
+                                path="tokens").per_layer
+        torch.testing.assert_close(got["tokens"], whole, rtol=0, atol=1e-10)
     with pytest.raises(DatasleuthError, match="path must be one of"):
         low_rank_scores(model, task, queries, _awkward(seqs), progress=False, path="fast")

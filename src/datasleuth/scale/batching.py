@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
-from datasleuth.layers import per_example_gradients
+from datasleuth.layers import live_tokens, per_example_gradients
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
 from datasleuth.scale.rescore import rescore, subset_loader, top_candidates
@@ -433,9 +433,11 @@ class LowRankScorer:
             # 2 B T P (M+1) FLOPs to form DW̄, then 2 B Q P (M+1) for the dot products.
             dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of log p
             return dw.reshape(b, -1) @ self.full.t()  # (B, Q)
+        keep = live_tokens(a, g)  # (B, T) when many tokens are zero (experts), else None
+        rows = b * t if keep is None else int(keep.sum())
         path = self.path
         if path == "auto":
-            tokens = b * t * self.q * self.k * (p + m1)
+            tokens = rows * self.q * self.k * (p + m1)
             traffic = REBUILD_TRAFFIC["cpu" if a.device.type == "cpu" else "other"]
             rebuild = self.q * (self.k + traffic) * p * m1 + b * (t + self.q) * p * m1
             path = "tokens" if tokens <= rebuild else "reconstruct"
@@ -445,15 +447,31 @@ class LowRankScorer:
             out = [dw @ torch.bmm(self.l3[q0 : q0 + step], self.r3[q0 : q0 + step])
                    .reshape(-1, p * m1).t() for q0 in range(0, self.q, step)]
             return torch.cat(out, dim=1)  # (B, Q)
-        # 2 B T Q k (P + M + 1) FLOPs for the two GEMMs, B T Q k for the product-sum.
-        a2, g2 = a.reshape(b * t, -1), g.reshape(b * t, -1)  # (BT, M+1), (BT, P)
-        step = max(1, _CHUNK_ELEMENTS // max(1, b * t * self.k))
+        return self._tokens(a, g, keep)
+
+    def _tokens(self, a: Tensor, g: Tensor, keep: Tensor | None) -> Tensor:
+        """Σ_t (Ds_tᵀ L)(R ā_t) per sequence, (B, Q), over the ``keep`` tokens if given.
+
+        2 T Q k (P + M + 1) FLOPs per sequence for the two GEMMs, T Q k for the
+        product-sum; queries in chunks so no intermediate exceeds _CHUNK_ELEMENTS.
+        """
+        b, t = a.shape[:2]
+        if keep is None:
+            a2, g2 = a.reshape(b * t, -1), g.reshape(b * t, -1)  # (BT, M+1), (BT, P)
+        else:
+            a2, g2, seq = a[keep], g[keep], keep.nonzero()[:, 0]  # live tokens, their sequence
+        rows = a2.shape[0]
+        step = max(1, _CHUNK_ELEMENTS // max(1, rows * self.k))
         out = []
         for q0 in range(0, self.q, step):
             cols = slice(q0 * self.k, min(self.q, q0 + step) * self.k)
-            u = g2 @ self.left[:, cols]  # Ds_tᵀ L, (BT, Qc k)
-            w = a2 @ self.right[:, cols]  # R ā_t, (BT, Qc k)
-            out.append(u.mul_(w).reshape(b, t, -1, self.k).sum((1, 3)))  # (B, Qc)
+            u = g2 @ self.left[:, cols]  # Ds_tᵀ L, (rows, Qc k)
+            w = a2 @ self.right[:, cols]  # R ā_t, (rows, Qc k)
+            if keep is None:
+                out.append(u.mul_(w).reshape(b, t, -1, self.k).sum((1, 3)))  # (B, Qc)
+                continue
+            per_token = u.mul_(w).reshape(rows, -1, self.k).sum(2)  # (rows, Qc)
+            out.append(per_token.new_zeros(b, per_token.shape[1]).index_add_(0, seq, per_token))
         return torch.cat(out, dim=1)  # (B, Q)
 
 
