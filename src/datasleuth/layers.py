@@ -42,6 +42,7 @@ __all__ = [
     "capture",
     "backward_to_outputs",
     "gather_mask",
+    "live_rows",
     "live_tokens",
     "per_example_gradients",
     "suspend_capture",
@@ -412,17 +413,34 @@ def live_tokens(a: Tensor, g: Tensor) -> Tensor | None:
     return gather_mask(~(a == 0).all(-1) & ~(g == 0).all(-1))
 
 
-def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
+def live_rows(a: Tensor, g: Tensor, keep: Tensor | None
+              ) -> tuple[Tensor, Tensor, list[tuple[int, slice]]]:
+    """ā (rows, M+1) and Ds (rows, P) with the rows of each sequence b as (b, rows): the
+    ``keep`` tokens (:func:`live_tokens`), or every token when ``keep`` is None.
+    Sequences without a row are left out of the list."""
+    b, t = a.shape[:2]
+    if keep is None:
+        spans = [(i, slice(i * t, (i + 1) * t)) for i in range(b)] if t else []
+        return a.reshape(b * t, -1), g.reshape(b * t, -1), spans
+    spans, start = [], 0
+    for i, n in enumerate(keep.sum(1).tolist()):
+        if n:
+            spans.append((i, slice(start, start + n)))
+        start += n
+    return a[keep], g[keep], spans
+
+
+def per_example_gradients(a: Tensor, g: Tensor, keep: Tensor | None | str = "find"
+                          ) -> Tensor:
     """DW̄_b = Σ_t Ds_{b,t} ā_{b,t}ᵀ: (B,T,M+1), (B,T,P) -> (B,P,M+1), over the live
-    tokens of each sequence only when many are zero (:func:`live_tokens`)."""
-    keep = live_tokens(a, g)
+    tokens of each sequence only when many are zero (``keep`` of :func:`live_tokens`,
+    found here unless the caller passes it)."""
+    if isinstance(keep, str):
+        keep = live_tokens(a, g)
     if keep is None:
         return torch.einsum("btp,btm->bpm", g, a)
     out = a.new_zeros(a.shape[0], g.shape[-1], a.shape[-1])
-    a_live, g_live = a[keep], g[keep]  # tokens of sequence after sequence
-    start = 0
-    for b, n in enumerate(keep.sum(1).tolist()):
-        if n:
-            out[b] = g_live[start : start + n].t() @ a_live[start : start + n]
-        start += n
+    a_live, g_live, spans = live_rows(a, g, keep)
+    for b, rows in spans:
+        out[b] = g_live[rows].t() @ a_live[rows]
     return out

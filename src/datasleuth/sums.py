@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from datasleuth.curvature import Basis, rotated_gradients, rotates_per_token
-from datasleuth.layers import gather_mask, live_tokens
+from datasleuth.layers import gather_mask, live_rows, live_tokens
 
 __all__ = ["Workspace", "add_gram", "add_widened", "nonzero_rows", "sum_of_squares", "symmetrize"]
 
@@ -105,21 +105,13 @@ def sum_of_squares(a: Tensor, g: Tensor, q_out: Basis | None, q_in: Basis | None
     a workspace buffer: use it before the next call.
     """
     p, m1 = g.shape[-1], a.shape[-1]
-    b, t = a.shape[:2]
-    keep = live_tokens(a, g)  # (B, T) or None
-    lengths = [t] * b if keep is None else keep.sum(1).tolist()
-    if not rotates_per_token(max(1, sum(lengths) // max(b, 1)), q_out, q_in, p, m1):
+    rows_a, rows_g, spans = live_rows(a, g, live_tokens(a, g))  # sequence after sequence
+    if not rotates_per_token(max(1, rows_a.shape[0] // max(1, len(spans))), q_out, q_in, p, m1):
         return rotated_gradients(a, g, q_out, q_in, per_token=False).square_().sum(0)
-    a = a.reshape(b * t, m1) if keep is None else a[keep]  # tokens of sequence after sequence
-    g = g.reshape(b * t, p) if keep is None else g[keep]
-    a = q_in.to_basis(a, -1) if q_in is not None else a  # Q_Aᵀ ā_t, (tokens, M+1)
-    g = q_out.to_basis(g, -1) if q_out is not None else g  # Q_Sᵀ Ds_t, (tokens, P)
+    rows_a = q_in.to_basis(rows_a, -1) if q_in is not None else rows_a  # Q_Aᵀ ā_t
+    rows_g = q_out.to_basis(rows_g, -1) if q_out is not None else rows_g  # Q_Sᵀ Ds_t
     prod, total = work.get((p, m1), a, 0), work.get((p, m1), a, 1)
     total.zero_()
-    start = 0
-    for n in lengths:
-        if n:
-            rows = slice(start, start + n)
-            total.add_(torch.mm(g[rows].t(), a[rows], out=prod).square_())
-        start += n
+    for _, rows in spans:
+        total.add_(torch.mm(rows_g[rows].t(), rows_a[rows], out=prod).square_())
     return total

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from datasleuth.curvature import Curvature
 from datasleuth.errors import DatasleuthError
-from datasleuth.layers import live_tokens, per_example_gradients
+from datasleuth.layers import live_rows, live_tokens, per_example_gradients
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
 from datasleuth.scale.rescore import rescore, subset_loader, top_candidates
@@ -429,11 +429,11 @@ class LowRankScorer:
         """Scores (B, Q) from ā (B, T, M+1) and Ds (B, T, P), padding already zero."""
         b, t, m1 = a.shape
         p = g.shape[2]
+        keep = live_tokens(a, g)  # (B, T) when many tokens are zero (experts), else None
         if self.full is not None:
             # 2 B T P (M+1) FLOPs to form DW̄, then 2 B Q P (M+1) for the dot products.
-            dw = per_example_gradients(a, g)  # (B, P, M+1), gradient of log p
+            dw = per_example_gradients(a, g, keep)  # (B, P, M+1), gradient of log p
             return dw.reshape(b, -1) @ self.full.t()  # (B, Q)
-        keep = live_tokens(a, g)  # (B, T) when many tokens are zero (experts), else None
         rows = b * t if keep is None else int(keep.sum())
         path = self.path
         if path == "auto":
@@ -442,7 +442,7 @@ class LowRankScorer:
             rebuild = self.q * (self.k + traffic) * p * m1 + b * (t + self.q) * p * m1
             path = "tokens" if tokens <= rebuild else "reconstruct"
         if path == "reconstruct":
-            dw = per_example_gradients(a, g).reshape(b, -1)  # (B, P(M+1))
+            dw = per_example_gradients(a, g, keep).reshape(b, -1)  # (B, P(M+1))
             step = max(1, _CHUNK_ELEMENTS // max(1, p * m1))
             out = [dw @ torch.bmm(self.l3[q0 : q0 + step], self.r3[q0 : q0 + step])
                    .reshape(-1, p * m1).t() for q0 in range(0, self.q, step)]
@@ -456,12 +456,8 @@ class LowRankScorer:
         product-sum; queries in chunks so no intermediate exceeds _CHUNK_ELEMENTS.
         """
         b, t = a.shape[:2]
-        if keep is None:
-            a2, g2 = a.reshape(b * t, -1), g.reshape(b * t, -1)  # (BT, M+1), (BT, P)
-        else:
-            a2, g2, seq = a[keep], g[keep], keep.nonzero()[:, 0]  # live tokens, their sequence
-        rows = a2.shape[0]
-        step = max(1, _CHUNK_ELEMENTS // max(1, rows * self.k))
+        a2, g2, spans = live_rows(a, g, keep)  # (rows, M+1), (rows, P)
+        step = max(1, _CHUNK_ELEMENTS // max(1, a2.shape[0] * self.k))
         out = []
         for q0 in range(0, self.q, step):
             cols = slice(q0 * self.k, min(self.q, q0 + step) * self.k)
@@ -470,8 +466,11 @@ class LowRankScorer:
             if keep is None:
                 out.append(u.mul_(w).reshape(b, t, -1, self.k).sum((1, 3)))  # (B, Qc)
                 continue
-            per_token = u.mul_(w).reshape(rows, -1, self.k).sum(2)  # (rows, Qc)
-            out.append(per_token.new_zeros(b, per_token.shape[1]).index_add_(0, seq, per_token))
+            per_token = u.mul_(w).reshape(a2.shape[0], -1, self.k).sum(2)  # (rows, Qc)
+            chunk = per_token.new_zeros(b, per_token.shape[1])
+            for i, rows in spans:
+                chunk[i] = per_token[rows].sum(0)
+            out.append(chunk)
         return torch.cat(out, dim=1)  # (B, Q)
 
 
