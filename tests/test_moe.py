@@ -19,6 +19,7 @@ from datasleuth import FitConfig, find_layers, fit_curvature, pairwise_scores, s
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import layers_by_name
 from datasleuth.lm.task import CausalLMTask
+from datasleuth.scoring import collect_gradients
 
 EXPERTS = 4
 
@@ -135,3 +136,87 @@ def test_experts_no_token_was_routed_to_score_zero():
     b = self_influence(ref, task, want, data[:1], progress=False)
     torch.testing.assert_close(a.per_layer, b.per_layer, rtol=1e-8, atol=1e-10)
     assert (a.per_layer == 0).sum() >= 8  # 2 parameters x 2 layers x >= 4 idle experts
+
+
+def _gpt_oss():
+    """GPT-OSS stores experts transposed, (E, M, P), and runs ``x @ param[e]``."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=13, hidden_size=8, intermediate_size=6, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                       num_local_experts=EXPERTS, num_experts_per_tok=2,
+                       max_position_embeddings=32, layer_types=["full_attention"])
+    model = GptOssForCausalLM(cfg).double().eval()
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.3)
+    return model
+
+
+def test_transposed_experts_give_each_sequence_its_autograd_gradient():
+    model = _gpt_oss()
+    experts = model.model.layers[0].mlp.experts
+    layers = find_layers(model, ["*.experts.*"])
+    assert len(layers) == 2 * EXPERTS and all(ly.transposed for ly in layers)
+    down = layers_by_name(model, ["model.layers.0.mlp.experts.down_proj.1"])[0]
+    assert down.grad_shape == (8, 6)  # (P, M): hidden <- intermediate
+    torch.testing.assert_close(down.canonical_weight(), experts.down_proj[1].t())
+    task = CausalLMTask()
+    batches = _batches()
+    got = collect_gradients(model, task, batches, layers, objective="loglik")
+    assert model.config._experts_implementation != "eager"  # restored after capture
+    model.config._experts_implementation = "eager"  # the reference's backward runs float64
+    seqs = [s[m.bool()].tolist() for b in batches
+            for s, m in zip(b["input_ids"], b["attention_mask"])]
+    for n, seq in enumerate(seqs):
+        model.zero_grad()
+        (-task.loss(model, lm_batch([seq]))).sum().backward()
+        for ly in layers:
+            want = getattr(experts, ly.param).grad[ly.expert].t()
+            torch.testing.assert_close(got[ly.name][n], want, rtol=1e-9, atol=1e-12)
+    assert sum(float(got[ly.name].abs().sum()) for ly in layers) > 0
+
+
+def test_experts_run_without_the_eager_loop_are_refused(monkeypatch):
+    """If the routed loop cannot be seen (here: capture does not switch to it), the
+    experts would look idle and score zero; that must be an error, not zeros."""
+    import datasleuth.layers
+
+    model = _mixtral().float()
+    model.config._experts_implementation = "batched_mm"
+    monkeypatch.setattr(datasleuth.layers, "eager_experts", lambda modules: [])
+    with pytest.raises(DatasleuthError, match="without the per-expert loop"):
+        fit_curvature(model, CausalLMTask(), _batches(), ["*.experts.*"], FitConfig(),
+                      progress=False)
+
+
+def test_modules_outside_the_experts_interface_are_not_tracked():
+    """3-D weights of a module transformers' experts interface did not build (Llama 4's
+    dense bmm experts) have no readable layout or routing: left out, not guessed."""
+
+    class DenseExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_experts = 2
+            self.gate_up_proj = nn.Parameter(torch.zeros(2, 4, 6))
+
+    with pytest.raises(DatasleuthError, match="no Linear/Conv1D/expert layer"):
+        find_layers(DenseExperts())
+
+
+def test_a_linear_router_returning_a_tuple_is_refused_and_not_tracked_by_default():
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    from datasleuth.lm.model import default_layers
+
+    torch.manual_seed(0)
+    cfg = PhimoeConfig(vocab_size=13, hidden_size=8, intermediate_size=6, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=EXPERTS,
+                       num_experts_per_tok=2, max_position_embeddings=32)
+    model = PhimoeForCausalLM(cfg).double().eval()
+    names = [ly.name for ly in default_layers(model)]
+    assert names and not any("router" in n for n in names)
+    task = CausalLMTask()
+    fit_curvature(model, task, _batches(), names, FitConfig(), progress=False)
+    with pytest.raises(DatasleuthError, match="not a plain linear map"):
+        fit_curvature(model, task, _batches(), ["*.router"], FitConfig(), progress=False)

@@ -17,9 +17,15 @@ layer) and its per-sequence gradient is Σ over the routed tokens of Ds_t ā_t�
 A linear applied after the gather (``down_proj[e]`` on the expert's hidden state)
 takes the positions of that expert's last gather.
 
+Transposed layouts (``is_transposed``, e.g. GPT-OSS: ``gate_up_proj`` (E, D, 2F), run as
+``hidden[token_idx] @ gate_up_proj[e]``) are tracked the same way, W_e being the slice's
+transpose. Expert biases are not tracked.
+
 Only the eager expert loop exposes the routing; inside :func:`datasleuth.layers.capture`
-an experts module's ``config._experts_implementation`` is set to ``"eager"``.
-Transposed layouts (``is_transposed``) and expert biases are not tracked.
+an experts module's ``config._experts_implementation`` is set to ``"eager"``. Only
+modules built by transformers' experts interface (they carry ``is_transposed``) are
+tracked: another module with 3-D weights (e.g. Llama 4's, which multiplies every expert
+with one ``bmm``) has no layout or routing that can be read, and is left out.
 """
 
 from __future__ import annotations
@@ -27,23 +33,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from datasleuth.errors import DatasleuthError
 
-__all__ = ["ExpertMode", "check_index", "eager_experts", "expert_params", "parse_expert_name",
-           "restore_experts", "scatter_rows"]
+__all__ = ["ExpertMode", "check_index", "eager_experts", "expert_params", "is_transposed",
+           "parse_expert_name", "restore_experts", "scatter_rows"]
 
 
 def expert_params(module: nn.Module) -> list[tuple[str, Tensor]]:
-    """The module's own 3-D expert parameters (E, P, M), E = ``module.num_experts``."""
+    """The 3-D expert parameters of a transformers experts module, E = ``num_experts``.
+
+    (E, P, M), or (E, M, P) when :func:`is_transposed`; none for any other module.
+    """
     experts = getattr(module, "num_experts", None)
-    if not isinstance(experts, int) or getattr(module, "is_transposed", False):
+    if not isinstance(experts, int) or not isinstance(getattr(module, "is_transposed", None),
+                                                      bool):
         return []
     return [(n, p) for n, p in module.named_parameters(recurse=False)
             if p.dim() == 3 and p.shape[0] == experts]
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the module stores each expert as W_eᵀ (M, P) and runs ``x @ param[e]``."""
+    return bool(getattr(module, "is_transposed", False))
 
 
 def parse_expert_name(name: str) -> tuple[str, str, int] | None:
@@ -64,7 +80,8 @@ class ExpertMode(TorchFunctionMode):
     """Active during one experts module's forward; reports each routed expert call.
 
     ``on_call(param_name, e, x (n, M), positions (n,), out (n, P))`` runs for every
-    ``F.linear(x, param[e])`` of a tracked parameter.
+    ``F.linear(x, param[e])`` of a tracked parameter, or ``x @ param[e]`` when the module
+    :func:`is_transposed`.
     """
 
     def __init__(self, module: nn.Module, names: set[str], hidden: Tensor,
@@ -73,9 +90,11 @@ class ExpertMode(TorchFunctionMode):
         self.params = {id(getattr(module, n)): n for n in names}
         self.hidden = hidden
         self.on_call = on_call
+        self.apply = _MATMULS if is_transposed(module) else (F.linear,)
         self.slices: dict[int, tuple[str, int, Tensor]] = {}  # id(param[e]) -> (name, e, view)
         self.gathers: dict[int, tuple[Tensor, Tensor]] = {}  # id(hidden[idx]) -> (idx, x)
         self.last: dict[int, Tensor] = {}  # expert -> positions of its last gather
+        self.calls = 0  # expert calls seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -85,7 +104,7 @@ class ExpertMode(TorchFunctionMode):
                 self.slices[id(out)] = (self.params[id(src)], int(idx), out)
             elif src is self.hidden and isinstance(idx, Tensor) and idx.dim() == 1:
                 self.gathers[id(out)] = (idx, out)
-        elif func is F.linear and len(args) > 1 and id(args[1]) in self.slices:
+        elif func in self.apply and len(args) > 1 and id(args[1]) in self.slices:
             name, e, _ = self.slices[id(args[1])]
             x = args[0]
             if id(x) in self.gathers:
@@ -94,11 +113,15 @@ class ExpertMode(TorchFunctionMode):
             if positions is None or positions.shape[0] != x.shape[0]:
                 raise DatasleuthError(
                     f"expert {e} of {name!r} ran on tokens whose positions are unknown; only the "
-                    "eager expert loop (hidden[token_idx] -> F.linear) is supported, exclude "
-                    "the expert layers"
+                    "eager expert loop (hidden[token_idx] -> F.linear or @) is supported, "
+                    "exclude the expert layers"
                 )
+            self.calls += 1
             self.on_call(name, e, x, positions, out)
         return out
+
+
+_MATMULS = (Tensor.__matmul__, Tensor.matmul, torch.matmul)
 
 
 def scatter_rows(rows: Tensor, positions: Tensor, total: int) -> Tensor:

@@ -29,6 +29,7 @@ from datasleuth.experts import (
     check_index,
     eager_experts,
     expert_params,
+    is_transposed,
     parse_expert_name,
     restore_experts,
     scatter_rows,
@@ -61,6 +62,7 @@ class TrackedLayer:
     has_bias: bool
     param: str = "weight"  # the expert parameter's name (kind "expert")
     expert: int | None = None  # e of the slice W_e (kind "expert")
+    transposed: bool = False  # the expert parameter holds W_eᵀ (E, M, P)
 
     @property
     def grad_shape(self) -> tuple[int, int]:
@@ -84,7 +86,8 @@ class TrackedLayer:
     def canonical_weight(self) -> Tensor:
         """The layer's W̄ = (W b) as a (P, M[+1]) tensor."""
         if self.kind == "expert":
-            return getattr(self.module, self.param)[self.expert]
+            w = getattr(self.module, self.param)[self.expert]
+            return w.t() if self.transposed else w
         w = self.module.weight
         w = w if self.kind == "linear" else w.t()
         if self.has_bias:
@@ -142,7 +145,10 @@ def _module_layers(name: str, module: nn.Module) -> list[TrackedLayer]:
 
 def _expert_layer(name: str, module: nn.Module, pname: str, w: Tensor, e: int
                   ) -> TrackedLayer:
-    """Expert ``e``'s slice W_e (P×M) of the fused 3-D parameter ``w`` (E, P, M)."""
+    """Expert ``e``'s W_e (P×M) in the fused 3-D parameter ``w``: (E, P, M), or (E, M, P)."""
+    if is_transposed(module):
+        return TrackedLayer(name, module, "expert", int(w.shape[1]), int(w.shape[2]), False,
+                            pname, e, transposed=True)
     return TrackedLayer(name, module, "expert", int(w.shape[2]), int(w.shape[1]), False,
                         pname, e)
 
@@ -207,6 +213,19 @@ def suspend_capture() -> Iterator[None]:
         _suspended.depth -= 1
 
 
+def _check_plain(layer: TrackedLayer, module: nn.Module, inputs: tuple, output: object) -> None:
+    """Refuse a tracked module whose forward is not s = W a + b on its first input."""
+    x = inputs[0] if inputs else None
+    if (isinstance(output, Tensor) and isinstance(x, Tensor) and output.dim() >= 1
+            and x.shape[-1:] == (layer.in_features,) and output.shape[-1] == layer.out_features):
+        return
+    got = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+    raise DatasleuthError(
+        f"layer {layer.name!r} ({type(module).__name__}) is not a plain linear map of its "
+        f"input: it returned {got}; leave it out of the tracked layers (--layers patterns)"
+    )
+
+
 class _Capture:
     """State shared by the hooks of one :func:`capture` context."""
 
@@ -260,7 +279,10 @@ class _Capture:
 
     def forward_hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if self._idle() or not output.requires_grad:
+            if self._idle():
+                return
+            _check_plain(layer, module, inputs, output)
+            if not output.requires_grad:
                 return
             self._first_call(layer)
             a = self._as_tokens(inputs[0].detach(), layer)  # (B, T, M)
@@ -314,6 +336,12 @@ class _Capture:
             if mode is None:
                 return
             mode.__exit__(None, None, None)
+            if mode.calls == 0 and args[0].shape[0] > 0 and output.requires_grad:
+                raise DatasleuthError(
+                    f"the experts of {type(mod).__name__} (layer {layers[0].name!r}) ran without "
+                    "the per-expert loop datasleuth reads (param[e] applied to routed tokens); "
+                    "leave these expert layers out of the tracked layers"
+                )
             idle = [layer for layer in layers if layer.name not in self._seen]
             if idle and output.requires_grad:  # experts no token was routed to: zeros
                 for layer in idle:

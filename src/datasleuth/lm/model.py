@@ -65,7 +65,8 @@ MLP_PATTERNS = (
     "*.block_sparse_moe.experts.*",
 )
 ATTENTION_PATTERNS = ("*.attn.*", "*.attention.*", "*.self_attn.*", "*.self_attention.*")
-_NEVER_BY_DEFAULT = ("lm_head", "*.lm_head", "*embed_out", "*.wte", "*.embed_tokens")
+# Routers (Llama 4, PhiMoE) may subclass nn.Linear but return (scores, indices) tuples.
+_NEVER_BY_DEFAULT = ("lm_head", "*.lm_head", "*embed_out", "*.wte", "*.embed_tokens", "*.router")
 _LORA = ("*.lora_A.*", "*.lora_B.*")
 
 
