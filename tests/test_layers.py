@@ -68,3 +68,17 @@ def test_layer_patterns_select_and_fail_clearly(mlp_data):
     assert [layer.name for layer in find_layers(model, exclude=["0"])] == ["2"]
     with pytest.raises(DatasleuthError, match="choose patterns"):
         find_layers(model, include=["*.mlp.*"])
+
+
+def test_distinct_modules_sharing_a_weight_are_tracked_with_a_warning():
+    """Tied weights (Zamba's shared block): separate layers, and the user is told."""
+    import warnings
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Linear(3, 2))
+    model[2].weight = model[0].weight
+    with pytest.warns(UserWarning, match=r"share weights \(0 = 2\)"):
+        layers = find_layers(model)
+    assert [ly.name for ly in layers] == ["0", "2", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        find_layers(model, include=["0", "3"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,7 +131,23 @@ def find_layers(
             f"exclude={list(exclude)}; "
             f"choose patterns matching layer names such as: {hint or '(the model has none)'}"
         )
+    _warn_shared(layers)
     return layers
+
+
+def _warn_shared(layers: Sequence[TrackedLayer]) -> None:
+    """Warn when distinct tracked modules use one weight tensor (docs/method.md §2)."""
+    groups: dict[tuple[int, int | None], list[str]] = {}
+    for layer in layers:
+        weight = getattr(layer.module, layer.param if layer.kind == "expert" else "weight")
+        groups.setdefault((id(weight), layer.expert), []).append(layer.name)
+    shared = [names for names in groups.values() if len(names) > 1]
+    if shared:
+        listed = "; ".join(" = ".join(names) for names in shared[:3])
+        warnings.warn(
+            f"tracked layers share weights ({listed}{' ...' if len(shared) > 3 else ''}): each "
+            "use is treated as its own layer, so scores leave out the cross terms between "
+            "uses; track one use per weight (--layers) to drop the others", stacklevel=3)
 
 
 def _module_layers(name: str, module: nn.Module) -> list[TrackedLayer]:
