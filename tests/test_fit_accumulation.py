@@ -105,3 +105,22 @@ def test_sums_are_checked_by_their_totals():
         t[1, 2] = bad
         with pytest.raises(DatasleuthError, match="layer"):
             check_sums({"layer": [torch.ones(2)], "layer.two": [t]}, "the input covariance", 4)
+
+
+@pytest.mark.parametrize("dead", [[0], [1, 2], [0, 3], [0, 1, 2, 3]])
+def test_per_example_gradients_of_sequences_without_a_live_token_are_zero(dead):
+    """First, middle, last and every sequence without a live token: exact zeros, however
+    the output memory was left (it is allocated uninitialised)."""
+    from datasleuth.layers import live_tokens, per_example_gradients
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(4, 16, 6, generator=g, dtype=torch.float64)
+    s = torch.randn(4, 16, 5, generator=g, dtype=torch.float64)
+    a[:, 1:] = 0  # one live token per sequence: the gathered path
+    a[dead] = 0
+    assert live_tokens(a, s) is not None
+    for _ in range(3):  # reuse freed memory holding nonzero products
+        got = per_example_gradients(a, s)
+        assert torch.equal(got[dead], torch.zeros_like(got[dead]))
+        torch.testing.assert_close(got, torch.einsum("btp,btm->bpm", s, a), rtol=1e-12,
+                                   atol=1e-12)

@@ -484,8 +484,12 @@ def per_example_gradients(a: Tensor, g: Tensor, keep: Tensor | None | str = "fin
         keep = live_tokens(a, g)
     if keep is None:
         return torch.einsum("btp,btm->bpm", g, a)
-    out = a.new_zeros(a.shape[0], g.shape[-1], a.shape[-1])
+    out = a.new_empty(a.shape[0], g.shape[-1], a.shape[-1])  # every row written below
     a_live, g_live, spans = live_rows(a, g, keep)
+    done = 0
     for b, rows in spans:
-        out[b] = g_live[rows].t() @ a_live[rows]
+        out[done:b].zero_()  # sequences without a live token
+        torch.mm(g_live[rows].t(), a_live[rows], out=out[b])
+        done = b + 1
+    out[done:].zero_()
     return out
