@@ -153,18 +153,36 @@ def _gpt_oss():
     return model
 
 
-def test_transposed_experts_give_each_sequence_its_autograd_gradient():
-    model = _gpt_oss()
-    experts = model.model.layers[0].mlp.experts
+def _llama4():
+    """Llama 4 runs every expert on every token in one bmm, (E, M, P) weights."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(vocab_size=13, hidden_size=8, intermediate_size=6,
+                           intermediate_size_mlp=10, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=4, num_local_experts=EXPERTS,
+                           num_experts_per_tok=1, max_position_embeddings=32,
+                           layer_types=["full_attention"], no_rope_layers=[1], moe_layers=[0])
+    model = Llama4ForCausalLM(cfg).double().eval()
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("build, block", [(_gpt_oss, "mlp"), (_llama4, "feed_forward")])
+def test_transposed_experts_give_each_sequence_its_autograd_gradient(build, block):
+    model = build()
+    experts = getattr(model.model.layers[0], block).experts
     layers = find_layers(model, ["*.experts.*"])
     assert len(layers) == 2 * EXPERTS and all(ly.transposed for ly in layers)
-    down = layers_by_name(model, ["model.layers.0.mlp.experts.down_proj.1"])[0]
+    down = layers_by_name(model, [f"model.layers.0.{block}.experts.down_proj.1"])[0]
     assert down.grad_shape == (8, 6)  # (P, M): hidden <- intermediate
     torch.testing.assert_close(down.canonical_weight(), experts.down_proj[1].t())
     task = CausalLMTask()
     batches = _batches()
+    before = model.config._experts_implementation
     got = collect_gradients(model, task, batches, layers, objective="loglik")
-    assert model.config._experts_implementation != "eager"  # restored after capture
+    assert model.config._experts_implementation == before  # restored after capture
     model.config._experts_implementation = "eager"  # the reference's backward runs float64
     seqs = [s[m.bool()].tolist() for b in batches
             for s, m in zip(b["input_ids"], b["attention_mask"])]
@@ -191,8 +209,9 @@ def test_experts_run_without_the_eager_loop_are_refused(monkeypatch):
 
 
 def test_modules_outside_the_experts_interface_are_not_tracked():
-    """3-D weights of a module transformers' experts interface did not build (Llama 4's
-    dense bmm experts) have no readable layout or routing: left out, not guessed."""
+    """3-D weights of a module neither transformers' experts interface built nor known as
+    dense (datasleuth.experts.DENSE_EXPERTS) have no readable layout: left out, not
+    guessed."""
 
     class DenseExperts(nn.Module):
         def __init__(self):

@@ -22,10 +22,14 @@ Transposed layouts (``is_transposed``, e.g. GPT-OSS: ``gate_up_proj`` (E, D, 2F)
 transpose. Expert biases are not tracked.
 
 Only the eager expert loop exposes the routing; inside :func:`datasleuth.layers.capture`
-an experts module's ``config._experts_implementation`` is set to ``"eager"``. Only
-modules built by transformers' experts interface (they carry ``is_transposed``) are
-tracked: another module with 3-D weights (e.g. Llama 4's, which multiplies every expert
-with one ``bmm``) has no layout or routing that can be read, and is left out.
+an experts module's ``config._experts_implementation`` is set to ``"eager"``.
+
+Dense experts (:data:`DENSE_EXPERTS`, Llama 4) run every expert on every token with one
+``torch.bmm(x (E, N, M), param (E, M, P))``, the router having scaled the input of the
+tokens not routed to e by 0: expert e's input and output gradient are then the rows
+x[e] and ∂/∂out[e], with nothing to scatter. Other modules with 3-D weights and no
+``is_transposed`` flag of transformers' experts interface have no layout or routing
+that can be read, and are left out.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ from torch.overrides import TorchFunctionMode
 
 from datasleuth.errors import DatasleuthError
 
-__all__ = ["ExpertMode", "check_index", "eager_experts", "expert_params", "is_transposed",
-           "parse_expert_name", "restore_experts", "scatter_rows"]
+DENSE_EXPERTS = frozenset({"Llama4TextExperts"})
+"""Class names of experts modules that multiply all experts at once (``torch.bmm``)."""
+
+__all__ = ["DENSE_EXPERTS", "ExpertMode", "check_index", "eager_experts", "expert_params",
+           "is_dense", "is_transposed", "parse_expert_name", "restore_experts", "scatter_rows"]
 
 
 def expert_params(module: nn.Module) -> list[tuple[str, Tensor]]:
@@ -50,16 +57,21 @@ def expert_params(module: nn.Module) -> list[tuple[str, Tensor]]:
     (E, P, M), or (E, M, P) when :func:`is_transposed`; none for any other module.
     """
     experts = getattr(module, "num_experts", None)
-    if not isinstance(experts, int) or not isinstance(getattr(module, "is_transposed", None),
-                                                      bool):
+    flagged = isinstance(getattr(module, "is_transposed", None), bool)
+    if not isinstance(experts, int) or not (flagged or is_dense(module)):
         return []
     return [(n, p) for n, p in module.named_parameters(recurse=False)
             if p.dim() == 3 and p.shape[0] == experts]
 
 
 def is_transposed(module: nn.Module) -> bool:
-    """Whether the module stores each expert as W_eᵀ (M, P) and runs ``x @ param[e]``."""
-    return bool(getattr(module, "is_transposed", False))
+    """Whether the module stores each expert as W_eᵀ (M, P): ``x @ param[e]`` or bmm."""
+    return bool(getattr(module, "is_transposed", False)) or is_dense(module)
+
+
+def is_dense(module: nn.Module) -> bool:
+    """Whether the module runs every expert on every token in one bmm (:data:`DENSE_EXPERTS`)."""
+    return type(module).__name__ in DENSE_EXPERTS
 
 
 def parse_expert_name(name: str) -> tuple[str, str, int] | None:
@@ -81,12 +93,15 @@ class ExpertMode(TorchFunctionMode):
 
     ``on_call(param_name, e, x (n, M), positions (n,), out (n, P))`` runs for every
     ``F.linear(x, param[e])`` of a tracked parameter, or ``x @ param[e]`` when the module
-    :func:`is_transposed`.
+    :func:`is_transposed`; ``on_dense(param_name, x (E, N, M), out (E, N, P))`` for every
+    ``torch.bmm(x, param)`` of a dense module (:func:`is_dense`).
     """
 
     def __init__(self, module: nn.Module, names: set[str], hidden: Tensor,
-                 on_call: Callable[[str, int, Tensor, Tensor, Tensor], None]):
+                 on_call: Callable[[str, int, Tensor, Tensor, Tensor], None],
+                 on_dense: Callable[[str, Tensor, Tensor], None] | None = None):
         super().__init__()
+        self.dense = on_dense if is_dense(module) else None
         self.params = {id(getattr(module, n)): n for n in names}
         self.hidden = hidden
         self.on_call = on_call
@@ -98,7 +113,11 @@ class ExpertMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is Tensor.__getitem__:
+        if (self.dense is not None and func in _BMMS and len(args) > 1
+                and id(args[1]) in self.params):
+            self.calls += 1
+            self.dense(self.params[id(args[1])], args[0], out)
+        elif func is Tensor.__getitem__:
             src, idx = args[0], args[1]
             if id(src) in self.params and _is_index(idx):
                 self.slices[id(out)] = (self.params[id(src)], int(idx), out)
@@ -122,6 +141,7 @@ class ExpertMode(TorchFunctionMode):
 
 
 _MATMULS = (Tensor.__matmul__, Tensor.matmul, torch.matmul)
+_BMMS = (torch.bmm, Tensor.bmm)
 
 
 def scatter_rows(rows: Tensor, positions: Tensor, total: int) -> Tensor:

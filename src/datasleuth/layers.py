@@ -331,6 +331,23 @@ class _Capture:
         out.register_hook(grad_hook)
         self.outputs.append(out)
 
+    def _dense_call(self, group: list[tuple[int, TrackedLayer]], x: Tensor, out: Tensor
+                    ) -> None:
+        """Every expert's rows of one bmm: x (E, N, M) -> out (E, N, P), N = B*T tokens."""
+        if not out.requires_grad or not group:
+            return
+        inputs = []
+        for e, layer in group:
+            self._first_call(layer)
+            inputs.append(self._as_tokens(x[e].detach(), layer))  # (B, T, M)
+
+        def grad_hook(g: Tensor) -> None:  # g: (E, N, P)
+            for (e, layer), a in zip(group, inputs):
+                self._emit(layer, a, self._as_tokens(g[e].detach(), layer))
+
+        out.register_hook(grad_hook)
+        self.outputs.append(out)
+
     def expert_hooks(self, module: nn.Module, layers: list[TrackedLayer]):
         """Pre/post forward hooks of one experts module (datasleuth.experts)."""
         by_key = {(layer.param, layer.expert): layer for layer in layers}
@@ -344,7 +361,12 @@ class _Capture:
                 if (pname, e) in by_key:
                     self._expert_call(by_key[(pname, e)], x, positions, out, total)
 
-            mode = ExpertMode(mod, {layer.param for layer in layers}, args[0], on_call)
+            def on_dense(pname: str, x: Tensor, out: Tensor) -> None:
+                group = [(e, by_key[(pname, e)]) for e in range(x.shape[0])
+                         if (pname, e) in by_key]
+                self._dense_call(group, x, out)
+
+            mode = ExpertMode(mod, {layer.param for layer in layers}, args[0], on_call, on_dense)
             mode.__enter__()
             self._modes[id(mod)] = mode
 
