@@ -112,3 +112,25 @@ def test_remote_code_is_not_run_by_default(tokenizer, tmp_path):
     (path / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(DatasleuthError, match="cannot load the model"):
         load_model(path)
+
+
+def test_recurrent_gemma_mlp_block_is_found_and_runs_without_a_cache(tokenizer):
+    """RecurrentGemma names its MLP ``mlp_block``, and its forward fails when asked to
+    build a key/value cache for a plain pass; the task asks for none."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = RecurrentGemmaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24,
+                               num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, lru_width=16, attention_window_size=16,
+                               block_types=["recurrent"])  # no attention layer to cache
+    model = RecurrentGemmaForCausalLM(cfg).double().eval()
+    layers = default_layers(model)
+    assert {ly.name.split(".")[-2] for ly in layers} == {"mlp_block"}
+    batches, ids = _batches(tokenizer)
+    task = CausalLMTask()
+    got = collect_gradients(model, task, batches, layers, objective="loglik")
+    want = loop_gradients(model, layers, [lm_batch([s]) for s in ids],
+                          lambda m, ex: -task.loss(m, ex).sum())
+    for ly in layers:
+        torch.testing.assert_close(got[ly.name], want[ly.name], rtol=1e-9, atol=1e-11)

@@ -53,9 +53,11 @@ def context_length(model: Any) -> int | None:
 
 # Module-name globs of feed-forward linear layers across common architectures:
 # GPT-2 (mlp.c_fc, mlp.c_proj), Llama/Mistral/Qwen (mlp.gate/up/down_proj),
-# GPT-NeoX (mlp.dense_*), Phi, Falcon, OPT/BLOOM (fc1/fc2, dense_h_to_4h), Mixtral experts.
+# GPT-NeoX (mlp.dense_*), Phi, Falcon, OPT/BLOOM (fc1/fc2, dense_h_to_4h), RecurrentGemma
+# (mlp_block), Mixtral experts.
 MLP_PATTERNS = (
     "*.mlp.*",
+    "*.mlp_block.*",
     "*.feed_forward.*",
     "*.ffn.*",
     "*.fc1",
@@ -65,8 +67,10 @@ MLP_PATTERNS = (
     "*.block_sparse_moe.experts.*",
 )
 ATTENTION_PATTERNS = ("*.attn.*", "*.attention.*", "*.self_attn.*", "*.self_attention.*")
-# Routers (Llama 4, PhiMoE) may subclass nn.Linear but return (scores, indices) tuples.
-_NEVER_BY_DEFAULT = ("lm_head", "*.lm_head", "*embed_out", "*.wte", "*.embed_tokens", "*.router")
+# Routers are not feed-forward weights; some (Llama 4, PhiMoE) subclass nn.Linear but
+# return (scores, indices) tuples.
+_NEVER_BY_DEFAULT = ("lm_head", "*.lm_head", "*embed_out", "*.wte", "*.embed_tokens",
+                     "*.router", "*.router.*")
 _LORA = ("*.lora_A.*", "*.lora_B.*")
 
 

@@ -36,8 +36,14 @@ class CausalLMTask(Task):
     """
 
     def logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Logits for the next token at every position: (B, T, V)."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        """Logits for the next token at every position: (B, T, V).
+
+        A Hugging Face model is asked for no key/value cache: none is reused, and some
+        (RecurrentGemma) cannot build one for a plain forward pass."""
+        config = getattr(model, "config", None)
+        extra = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    **extra)
         return out.logits if hasattr(out, "logits") else out
 
     @staticmethod
