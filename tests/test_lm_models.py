@@ -34,6 +34,18 @@ def _batches(tokenizer):
     return [lm_batch(ids[:3]), lm_batch(ids[3:])], ids
 
 
+def _assert_loop_gradients(model, layers, tokenizer):
+    """Per-sequence gradients of log p equal one backward pass per sequence (float64)."""
+    batches, ids = _batches(tokenizer)
+    task = CausalLMTask()
+    got = collect_gradients(model, task, batches, layers, objective="loglik")
+    want = loop_gradients(model, layers, [lm_batch([s]) for s in ids],
+                          lambda m, ex: -task.loss(m, ex).sum())
+    for ly in layers:
+        torch.testing.assert_close(got[ly.name], want[ly.name], rtol=1e-9, atol=1e-11)
+    return batches, ids
+
+
 def test_llama_style_linear_mlp_from_disk(tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,13 +62,8 @@ def test_llama_style_linear_mlp_from_disk(tokenizer, tmp_path):
     assert all(ly.kind == "linear" for ly in layers)
     assert "lm_head" not in {ly.name for ly in default_layers(model, attention=True)}
     assert any("self_attn" in ly.name for ly in default_layers(model, attention=True))
-    batches, ids = _batches(tok)
+    batches, ids = _assert_loop_gradients(model, layers, tok)
     task = CausalLMTask()
-    got = collect_gradients(model, task, batches, layers, objective="loglik")
-    want = loop_gradients(model, layers, [lm_batch([s]) for s in ids],
-                          lambda m, ex: -task.loss(m, ex).sum())
-    for ly in layers:
-        torch.testing.assert_close(got[ly.name], want[ly.name], rtol=1e-9, atol=1e-11)
     curv = fit_curvature(model, task, batches, layers, FitConfig(), progress=False)
     scores = pairwise_scores(model, task, curv, [lm_batch([ids[1]])], batches, progress=False)
     assert top_k(scores.total, 1)[0][0][0] == 1
@@ -127,10 +134,4 @@ def test_recurrent_gemma_mlp_block_is_found_and_runs_without_a_cache(tokenizer):
     model = RecurrentGemmaForCausalLM(cfg).double().eval()
     layers = default_layers(model)
     assert {ly.name.split(".")[-2] for ly in layers} == {"mlp_block"}
-    batches, ids = _batches(tokenizer)
-    task = CausalLMTask()
-    got = collect_gradients(model, task, batches, layers, objective="loglik")
-    want = loop_gradients(model, layers, [lm_batch([s]) for s in ids],
-                          lambda m, ex: -task.loss(m, ex).sum())
-    for ly in layers:
-        torch.testing.assert_close(got[ly.name], want[ly.name], rtol=1e-9, atol=1e-11)
+    _assert_loop_gradients(model, layers, tokenizer)
