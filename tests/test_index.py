@@ -273,11 +273,21 @@ def test_mismatched_model_layers_or_projection_are_refused(tmp_path):
     other = tiny_gpt2(vocab=13, seed=1)
     cases = [
         (lambda: GradientIndex.open(tmp_path, other), "different model"),
-        (lambda: GradientIndex.open(tmp_path, model, ["*.attn.c_attn"]), "indexes layers"),
+        (lambda: GradientIndex.open(tmp_path, model, ["*.attn.c_attn"]),
+         "indexes 4 layers, not these 2 .layer 0: 'transformer.h.0.mlp.c_fc' there, "
+         "'transformer.h.0.attn.c_attn' here"),
         (lambda: GradientIndex.open(tmp_path, config=IndexConfig(k_in=4, k_out=4, seed=3)),
-         "seed=0"),
+         "seed: 0 there vs 3 here"),
         (lambda: build_index(model, task, seqs, MLP, tmp_path, IndexConfig(k_in=8),
-                             collate_fn=lm_batch, progress=False), "same IndexConfig"),
+                             collate_fn=lm_batch, progress=False),
+         "k_in: 4 there vs 8 here; k_out: 4 there vs 16 here; dtype: 'float32' there vs "
+         "'float16' here; shard_size: 2 there vs 4096 here"),
+        (lambda: build_index(model, task, seqs, MLP, tmp_path,
+                             IndexConfig(k_in={"transformer.h.0.mlp.c_fc": 5,
+                                               "transformer.h.0.mlp.c_proj": 3}, k_out=4,
+                                         dtype="float32", shard_size=2),
+                             collate_fn=lm_batch, progress=False),
+         "k_in: 4 there vs 5 here for 'transformer.h.0.mlp.c_fc' and 1 more layers"),
         (lambda: build_index(other, task, seqs, MLP, tmp_path, cfg, append=True,
                              collate_fn=lm_batch, progress=False), "different model"),
         (lambda: build_index(model, task, seqs[:3], MLP, tmp_path, cfg, collate_fn=lm_batch,

@@ -23,7 +23,12 @@ from datasleuth.fsdp import is_sharded
 from datasleuth.layers import TrackedLayer, resolve_layers
 from datasleuth.progress import progress_counter
 from datasleuth.scale.index.codec import encode
-from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, IndexConfig
+from datasleuth.scale.index.config import (
+    INDEX_FORMAT_VERSION,
+    IndexConfig,
+    config_differences,
+    layer_difference,
+)
 from datasleuth.scale.index.projection import LayerProjection, make_projections
 from datasleuth.scale.index.sizing import size_report
 from datasleuth.scale.index.store import MANIFEST, PROJECTIONS, GradientIndex, shard_name
@@ -88,12 +93,13 @@ def _open_for_build(
         index = GradientIndex.open(directory)
         if index.config != config:
             raise DatasleuthError(
-                f"{directory} holds an index built with {index.config}, not {config}; pass the "
-                "same IndexConfig, or build into a new directory"
+                f"{directory} holds an index built with other settings "
+                f"({config_differences(index.config, config)}); pass the same settings, or "
+                "build into a new directory"
             )
         names = [layer.name for layer in layers]
         if names != index.layer_names:
-            raise DatasleuthError(f"{directory} indexes layers {index.layer_names}, not {names}; "
+            raise DatasleuthError(f"{directory} {layer_difference(index.layer_names, names)}; "
                                   "pass the same layers, or build into a new directory")
         index.check_model(model)
         _check_curvature(index, curvature)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from datasleuth.layers import TrackedLayer
 from datasleuth.scale.index.codec import FLOAT_DTYPES, QUANTISED
 
 __all__ = ["INDEX_FORMAT_VERSION", "IndexConfig", "KSpec", "STORAGE", "STORAGE_DTYPES",
+           "config_differences", "layer_difference",
            "WHITENINGS"]
 
 INDEX_FORMAT_VERSION = 1
@@ -123,3 +124,40 @@ class IndexConfig:
     def whitened(self) -> bool:
         """Whether rows are whitened, i.e. score each other without a query curvature."""
         return self.whitening != "none"
+
+
+def config_differences(stored: IndexConfig, given: IndexConfig,
+                       names: tuple[str, ...] | None = None) -> str:
+    """The fields ``names`` (default: all) that differ, as "field: A there vs B here", briefly:
+    a per-layer mapping names its first differing layer and how many more differ."""
+    parts = []
+    for name in names or tuple(f.name for f in fields(IndexConfig)):
+        a, b = getattr(stored, name), getattr(given, name)
+        if a == b:
+            continue
+        if isinstance(a, dict) or isinstance(b, dict):
+            keys = sorted(set(a if isinstance(a, dict) else ()) |
+                          set(b if isinstance(b, dict) else ()))
+            odd = [k for k in keys if _size(a, k) != _size(b, k)] or keys
+            more = f" and {len(odd) - 1} more layers" if len(odd) > 1 else ""
+            parts.append(f"{name}: {_size(a, odd[0])} there vs {_size(b, odd[0])} here "
+                         f"for {odd[0]!r}{more}")
+        else:
+            parts.append(f"{name}: {a!r} there vs {b!r} here")
+    return "; ".join(parts)
+
+
+def _size(spec: object, layer: str) -> object:
+    return spec.get(layer, "the default") if isinstance(spec, dict) else spec
+
+
+def layer_difference(stored: list[str], given: list[str]) -> str:
+    """"indexes N layers, not these M (layer i: A there, B here)"."""
+    first = next((i for i, (a, b) in enumerate(zip(stored, given)) if a != b),
+                 min(len(stored), len(given)))
+
+    def at(names: list[str]) -> str:
+        return repr(names[first]) if first < len(names) else "none"
+
+    return (f"indexes {len(stored)} layers, not these {len(given)} (layer {first}: "
+            f"{at(stored)} there, {at(given)} here)")

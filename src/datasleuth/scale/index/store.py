@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from datasleuth.errors import DatasleuthError
 from datasleuth.layers import TrackedLayer, layers_by_name, resolve_layers
 from datasleuth.scale.index.codec import decode, row_bytes, stored_shapes
-from datasleuth.scale.index.config import INDEX_FORMAT_VERSION, STORAGE_DTYPES, IndexConfig
+from datasleuth.scale.index.config import (
+    INDEX_FORMAT_VERSION,
+    STORAGE_DTYPES,
+    IndexConfig,
+    config_differences,
+    layer_difference,
+)
 from datasleuth.scale.index.curvature import CURVATURE_FILE, ProjectedCurvature, Whitened
 from datasleuth.scale.index.projection import LayerProjection
 from datasleuth.scale.index.search import approximate_search, exact_search
@@ -164,7 +170,7 @@ class GradientIndex:
             names = _layer_names(model, layers)
             if names != index.layer_names:
                 raise DatasleuthError(
-                    f"{directory} indexes layers {index.layer_names}, not {names}; open it with "
+                    f"{directory} {layer_difference(index.layer_names, names)}; open it with "
                     "the layers it was built with, or build a new index for these"
                 )
         if config is not None:
@@ -174,13 +180,10 @@ class GradientIndex:
         return index
 
     def _check_projection(self, config: IndexConfig) -> None:
-        keys = ("k_in", "k_out", "projection", "seed")
-        have, want = self.config.to_dict(), config.to_dict()
-        diff = [k for k in keys if have[k] != want[k]]
+        diff = config_differences(self.config, config, ("k_in", "k_out", "projection", "seed"))
         if diff:
-            shown = ", ".join(f"{k}={have[k]!r} (not {want[k]!r})" for k in diff)
-            raise DatasleuthError(f"{self.directory} was built with projection {shown}; use the "
-                                  "same projection settings or build a new index")
+            raise DatasleuthError(f"{self.directory} was built with another projection ({diff}); "
+                                  "use the same projection settings or build a new index")
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose tracked layers or weights differ from the indexed one."""
