@@ -161,3 +161,12 @@ def test_no_pack_warns_about_cut_documents(tmp_path, capsys):
     assert len(inputs.corpus) == 2
     err = capsys.readouterr().err
     assert "(one document each)" in err and "warning: 1 documents are longer than 8" in err
+
+
+def test_messages_name_a_few_layers_and_count_the_rest():
+    from datasleuth.errors import listed
+
+    names = [f"model.layers.0.mlp.experts.down_proj.{e}" for e in range(64)]
+    assert listed(names[:2]) == repr(names[0]) + ", " + repr(names[1])
+    assert listed(names) == ", ".join(map(repr, names[:3])) + " and 61 more"
+    assert listed([]) == ""

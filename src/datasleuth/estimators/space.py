@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from datasleuth.curvature import Curvature
-from datasleuth.errors import DatasleuthError
+from datasleuth.errors import DatasleuthError, listed
 from datasleuth.estimators.outputs import OutputTask, output_adapter
 from datasleuth.layers import TrackedLayer, layers_by_name, resolve_layers, suspend_capture
 from datasleuth.preconditioner import DEFAULT_DAMPING_SCALE, resolve_damping
@@ -64,7 +64,7 @@ class GradientLayout:
         missing = [n for n in self.names if n not in grads]
         if missing:
             raise DatasleuthError(
-                f"gradients of layers {missing} are missing; score with the same tracked "
+                f"gradients of layers {listed(missing)} are missing; score with the same tracked "
                 "layers the estimator was built for"
             )
         parts = [grads[n].reshape(grads[n].shape[0], -1) for n in self.names]
@@ -122,14 +122,14 @@ class GradientLayout:
                                       "pass reference=<Curvature>")
             missing = [n for n in self.names if n not in reference.layers]
             if missing:
-                raise DatasleuthError(f"the reference curvature has no layers {missing}; fit "
-                                      "it on the same tracked layers")
+                raise DatasleuthError(f"the reference curvature has no layers {listed(missing)}; "
+                                      "fit it on the same tracked layers")
             return {n: reference.layers[n].damping for n in self.names}
         if isinstance(damping, Mapping):
             missing = [n for n in self.names if n not in damping]
             if missing:
-                raise DatasleuthError(f"damping has no value for layers {missing}; give one "
-                                      "per tracked layer")
+                raise DatasleuthError(f"damping has no value for layers {listed(missing)}; give "
+                                      "one per tracked layer")
         return damping
 
 

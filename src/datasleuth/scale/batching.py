@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from datasleuth.curvature import Curvature
-from datasleuth.errors import DatasleuthError
+from datasleuth.errors import DatasleuthError, listed
 from datasleuth.layers import live_rows, live_tokens, per_example_gradients
 from datasleuth.preconditioner import Preconditioner
 from datasleuth.progress import progress_bar
@@ -150,14 +150,15 @@ class LowRankQueries:
             )
         if set(self.left) != set(self.right):
             raise DatasleuthError(
-                f"left and right factors cover different layers ({sorted(self.left)} vs "
-                f"{sorted(self.right)}); give both factors of every low-rank layer"
+                f"left and right factors cover different layers ({listed(sorted(self.left))} vs "
+                f"{listed(sorted(self.right))}); give both factors of every low-rank layer"
             )
         stored = list(self.left) + list(self.full)
         if sorted(stored) != sorted(names) or len(set(stored)) != len(stored):
             raise DatasleuthError(
-                f"layer_names {names} must list each layer of left/right {sorted(self.left)} "
-                f"and full {sorted(self.full)} exactly once; fix the layer lists"
+                f"layer_names ({listed(names)}) must list each layer of left/right "
+                f"({listed(sorted(self.left))}) and full ({listed(sorted(self.full))}) exactly "
+                "once; fix the layer lists"
             )
         counts = set()
         for name in names:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from datasleuth.curvature import Curvature, LayerCurvature
-from datasleuth.errors import DatasleuthError
+from datasleuth.errors import DatasleuthError, listed
 from datasleuth.layers import TrackedLayer
 from datasleuth.scale.index.config import IndexConfig
 
@@ -190,7 +190,7 @@ def make_projections(layers: Sequence[TrackedLayer], config: IndexConfig,
                                   "IndexConfig(whitening='none')")
         missing = [ly.name for ly in layers if ly.name not in curvature.layers]
         if missing:
-            raise DatasleuthError(f"the curvature lacks layers {missing}; fit it on the "
+            raise DatasleuthError(f"the curvature lacks layers {listed(missing)}; fit it on the "
                                   "layers the index tracks")
     out = []
     for layer in layers:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from datasleuth.errors import DatasleuthError
+from datasleuth.errors import DatasleuthError, listed
 from datasleuth.layers import TrackedLayer, layers_by_name, resolve_layers
 from datasleuth.scale.index.codec import decode, row_bytes, stored_shapes
 from datasleuth.scale.index.config import (
@@ -270,8 +270,9 @@ class GradientIndex:
         if isinstance(queries, Mapping):
             missing = [n for n in self.layer_names if n not in queries]
             if missing:
-                raise DatasleuthError(f"the queries lack layers {missing} of {self.directory}; "
-                                      "precondition them with features=index.features")
+                raise DatasleuthError(f"the queries lack layers {listed(missing)} of "
+                                      f"{self.directory}; precondition them with "
+                                      "features=index.features")
             queries = torch.cat([queries[n].reshape(queries[n].shape[0], -1)
                                  for n in self.layer_names], dim=1)
         q = queries[None] if queries.dim() == 1 else queries
