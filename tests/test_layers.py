@@ -82,3 +82,33 @@ def test_distinct_modules_sharing_a_weight_are_tracked_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         find_layers(model, include=["0", "3"])
+
+
+def test_a_tracked_layer_no_gradient_reaches_scores_zero_with_a_warning():
+    """A layer that never runs (a vision tower on text) has DW̄ = 0: zeros are reported
+    for it in every batch, so the other layers' results are unchanged, and the user is
+    told instead of meeting a KeyError or a silent zero."""
+    from datasleuth import ClassificationTask, FitConfig, fit_curvature, pairwise_scores
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused, self.b = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = WithUnused().double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    data, task = [(x[:4], y[:4]), (x[4:], y[4:])], ClassificationTask()
+    with pytest.warns(UserWarning, match="no gradient reached tracked layers 'unused'"):
+        curv = fit_curvature(model, task, data, None, FitConfig(), progress=False)
+    with pytest.warns(UserWarning, match="'unused'"):
+        got = pairwise_scores(model, task, curv, [data[0]], data, progress=False)
+    ref = fit_curvature(model, task, data, ["a", "b"], FitConfig(), progress=False)
+    want = pairwise_scores(model, task, ref, [data[0]], data, progress=False)
+    assert got.layer_names == ["a", "unused", "b"]
+    assert torch.equal(got.per_layer[..., 1], torch.zeros_like(got.per_layer[..., 1]))
+    torch.testing.assert_close(got.per_layer[..., [0, 2]], want.per_layer, rtol=1e-12,
+                               atol=1e-12)

@@ -135,3 +135,24 @@ def test_recurrent_gemma_mlp_block_is_found_and_runs_without_a_cache(tokenizer):
     layers = default_layers(model)
     assert {ly.name.split(".")[-2] for ly in layers} == {"mlp_block"}
     _assert_loop_gradients(model, layers, tokenizer)
+
+
+def test_default_layers_of_a_multimodal_model_are_its_text_decoders(tokenizer):
+    """Gemma 3 (4B and up) loads as Gemma3ForConditionalGeneration: its vision tower's
+    MLPs match the default patterns but never run on text, so they are not defaults."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Gemma3Config(
+        text_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         vocab_size=len(tokenizer)),
+        vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4)
+    model = Gemma3ForConditionalGeneration(cfg).double().eval()
+    layers = default_layers(model)
+    assert [ly.name for ly in layers] == [
+        f"model.language_model.layers.{i}.mlp.{p}" for i in range(2)
+        for p in ("gate_proj", "up_proj", "down_proj")]
+    _assert_loop_gradients(model, layers, tokenizer)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from datasleuth.errors import DatasleuthError
+from datasleuth.errors import DatasleuthError, listed
 from datasleuth.experts import (
     ExpertMode,
     check_index,
@@ -253,6 +253,8 @@ class _Capture:
         self.mask: Tensor | None = None  # (B, T) bool, set per batch
         self.outputs: list[Tensor] = []
         self._seen: set[str] = set()
+        self._emitted: dict[str, tuple[int, int]] = {}
+        self.reached: set[str] = set()  # layers a gradient reached in some batch
         self._modes: dict[int, ExpertMode] = {}  # experts modules running forward now
         self.discard = False  # a replayed batch (datasleuth.fsdp.lockstep): report nothing
 
@@ -261,6 +263,7 @@ class _Capture:
         self.discard = discard
         self.outputs = []
         self._seen = set()
+        self._emitted: dict[str, tuple[int, int]] = {}  # layer -> (B, T) reported this batch
 
     def _as_tokens(self, x: Tensor, layer: TrackedLayer) -> Tensor:
         """Reshape (B, ..., D) or flattened (B*T, D) to (B, T, D); zero padding positions."""
@@ -279,8 +282,24 @@ class _Capture:
         return x
 
     def _emit(self, layer: TrackedLayer, a: Tensor, g: Tensor) -> None:
+        self._emitted[layer.name] = (a.shape[0], a.shape[1])
         if not self.discard:
             self.on_layer(layer, a, g)
+
+    def emit_silent(self) -> None:
+        """Report zeros for the layers that got no gradient in this batch: they did not
+        run (a vision tower on text) or did not reach the objective, so DW̄ = 0."""
+        self.reached.update(self._emitted)
+        if not self._emitted:
+            return
+        b, t = self.mask.shape if self.mask is not None else next(iter(self._emitted.values()))
+        device = next(iter(self.outputs)).device if self.outputs else None
+        for layer in self.layers:
+            if layer.name not in self._emitted:
+                m = layer.in_features + int(layer.has_bias)
+                self._emit(layer, torch.zeros(b, t, m, dtype=self.dtype, device=device),
+                           torch.zeros(b, t, layer.out_features, dtype=self.dtype,
+                                       device=device))
 
     @staticmethod
     def _idle() -> bool:
@@ -444,6 +463,16 @@ def capture(
             p.requires_grad_(flag)
 
 
+def warn_unreached(state: _Capture) -> None:
+    """Warn of tracked layers no gradient reached in any batch: their scores are zero."""
+    missing = [layer.name for layer in state.layers if layer.name not in state.reached]
+    if missing and state.reached:
+        warnings.warn(
+            f"no gradient reached tracked layers {listed(missing)} in any batch (they did not "
+            "run, e.g. a vision tower on text, or do not affect the loss): they score zero; "
+            "leave them out of the tracked layers", stacklevel=3)
+
+
 def backward_to_outputs(objective: Tensor, state: _Capture) -> None:
     """Back-propagate ``objective`` only as far as the tracked layer outputs.
 
@@ -456,6 +485,7 @@ def backward_to_outputs(objective: Tensor, state: _Capture) -> None:
             "that the task's forward calls the model"
         )
     torch.autograd.grad(objective, state.outputs, allow_unused=True)
+    state.emit_silent()
     state.outputs = []
 
 

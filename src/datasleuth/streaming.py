@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from datasleuth.errors import DatasleuthError
 from datasleuth.fsdp import is_sharded, lockstep
-from datasleuth.layers import LayerFn, TrackedLayer, backward_to_outputs, capture
+from datasleuth.layers import LayerFn, TrackedLayer, backward_to_outputs, capture, warn_unreached
 from datasleuth.progress import progress_bar
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype, to_device
@@ -124,6 +124,7 @@ def stream(
             if on_batch is not None:
                 on_batch(BatchEnd(i, seen, values.shape[0], mask, values.detach()))
             seen += values.shape[0]
+        warn_unreached(state)
     return seen
 
 

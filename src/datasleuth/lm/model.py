@@ -238,7 +238,8 @@ def default_layers(
     """MLP layers (plus attention if asked), or the user's patterns; LoRA-aware.
 
     For a PEFT model, the trainable LoRA matrices inside the chosen blocks are tracked
-    instead of the frozen base weights.
+    instead of the frozen base weights. Only the text decoder's layers are defaults
+    (:func:`_decoder_prefix`): a multimodal model's vision tower does not run on text.
     """
     if include:
         return find_layers(model, include=list(include))
@@ -253,12 +254,27 @@ def default_layers(
             ly for ly in find_layers(model, include=patterns, exclude=list(_NEVER_BY_DEFAULT))
             if ".base_layer" not in ly.name
         ]
+    prefix = _decoder_prefix(model)
+    layers = [ly for ly in layers if ly.name.startswith(prefix)]
     if not layers:
         raise DatasleuthError(
             "found no MLP layers to track in this model; name them with --layers "
             "(glob patterns over module names, e.g. 'model.layers.*.mlp.*')"
         )
     return layers
+
+
+def _decoder_prefix(model: nn.Module) -> str:
+    """``"<name>."`` of the module ``model.get_decoder()`` returns when it is a proper
+    submodule (Gemma 3's ``model.language_model``), else ``""`` (the whole model)."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        return ""
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return ""
+    return next((f"{n}." for n, m in model.named_modules() if m is decoder and n), "")
 
 
 def _matches_block(name: str, patterns: list[str]) -> bool:
