@@ -133,3 +133,35 @@ def test_fsdp_two_processes_equal_one(tmp_path):
 def test_shard_model_needs_processes():
     with pytest.raises(DatasleuthError, match="torchrun"):
         shard_model(tiny_gpt2())
+
+
+def _expert_worker(rank: int, size: int, root: str) -> None:
+    from test_moe import _batches, _mixtral
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-experts", rank=rank,
+                            world_size=size)
+    try:
+        torch.set_num_threads(1)
+        model = shard_model(_mixtral())
+        curv = fit_curvature(model, CausalLMTask(), _batches()[rank::size], ["*.experts.*"],
+                             FitConfig(fisher="empirical"), progress=False)
+        if rank == 0:
+            save_curvature(curv, Path(root) / "experts.safetensors")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_fsdp_expert_layers_two_processes_equal_one(tmp_path):
+    """Fused 3-D expert weights sharded by FSDP2: each expert's factors as one process."""
+    from test_moe import _batches, _mixtral
+
+    os.environ.pop("MASTER_ADDR", None)
+    mp.spawn(_expert_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    want = fit_curvature(_mixtral(), CausalLMTask(), _batches(), ["*.experts.*"],
+                         FitConfig(fisher="empirical"), progress=False)
+    got = load_curvature(tmp_path / "experts.safetensors")
+    assert sorted(got.layer_names) == sorted(want.layer_names) and len(want.layer_names) == 16
+    for name, layer in want.layers.items():
+        torch.testing.assert_close(got.layers[name].dense(), layer.dense(), rtol=1e-9,
+                                   atol=1e-12)

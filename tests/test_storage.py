@@ -199,3 +199,24 @@ def test_stored_factors_with_nan_are_refused_naming_the_layer(mlp_data, tmp_path
     with pytest.raises(DatasleuthError, match=r"layer 2: the stored eigenvalues holds NaN in .*"
                                               r"re-run `datasleuth fit`"):
         load_curvature(path, model, find_layers(model))
+
+
+def test_round_trip_keeps_the_model_order_of_layers(tmp_path):
+    """Layer 10 after layer 2, as fitted, not as the file's sorted JSON header has it: the
+    per-layer axis of scores (and the report) is the same before and after a reload."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(3, 3), nn.Tanh())],
+                          nn.Linear(3, 2)).double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    task = ClassificationTask()
+    curv = fit_curvature(model, task, loader(x, y), None, FitConfig(), progress=False)
+    assert curv.layer_names == ["0", "2", "4", "6", "8", "10", "12"]
+    curv.save(tmp_path / "f.safetensors")
+    loaded = load_curvature(tmp_path / "f.safetensors", model, find_layers(model))
+    assert loaded.layer_names == curv.layer_names and "layer_order" not in loaded.metadata
+    a = pairwise_scores(model, task, curv, loader(x[:2], y[:2]), loader(x, y), progress=False)
+    b = pairwise_scores(model, task, loaded, loader(x[:2], y[:2]), loader(x, y),
+                        progress=False)
+    assert a.layer_names == b.layer_names and torch.equal(a.per_layer, b.per_layer)

@@ -371,7 +371,8 @@ def save_curvature(curvature: Curvature, path: str | os.PathLike) -> None:
             "q_in_blocks": len(lc.q_in.blocks) if lc.q_in is not None else 0,
         }
     meta = dict(curvature.metadata)
-    meta.update(format_version=FORMAT_VERSION, kind=curvature.kind, layers=layers_meta)
+    meta.update(format_version=FORMAT_VERSION, kind=curvature.kind, layers=layers_meta,
+                layer_order=list(curvature.layers))  # the JSON header sorts mapping keys
     save_tensors(path, tensors, meta)
 
 
@@ -405,8 +406,12 @@ def load_curvature(
                 f"{path} was made with {key}={meta.get(key)!r}, not {value!r}; re-fit or "
                 "change the configuration to match"
             )
-    layers_out = {name: _stored_layer(tensors, name, lm, path)
-                  for name, lm in meta["layers"].items()}
+    order = meta.pop("layer_order", None) or list(meta["layers"])  # older files: sorted
+    if sorted(order) != sorted(meta["layers"]):
+        raise DatasleuthError(f"{path} lists other layers than it holds (damaged or edited); "
+                              "re-run `datasleuth fit` to rebuild it")
+    layers_out = {name: _stored_layer(tensors, name, meta["layers"][name], path)
+                  for name in order}
     kind = meta.pop("kind")
     meta.pop("layers")
     return Curvature(kind, layers_out, meta)
