@@ -325,9 +325,10 @@ def test_reading_errors(tmp_path: Path, cache: Path) -> None:
     with pytest.raises(DatasleuthError, match=rf"{typed}:2: field 'text' is int"):
         load_documents(typed, cache_dir=cache)
     empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(DatasleuthError, match="is empty; add documents"):
-        load_documents(empty, cache_dir=cache)
+    for blank in ("", "\n\n  \n"):  # blank lines only: no documents either
+        empty.write_text(blank)
+        with pytest.raises(DatasleuthError, match="is empty; add documents"):
+            load_documents(empty, cache_dir=cache)
     empty_pq = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_pq)
     with pytest.raises(DatasleuthError, match="holds no documents; add documents"):
@@ -349,6 +350,8 @@ def test_packing_errors(bpe, tmp_path: Path) -> None:
         pack_corpus([{"text": "fine"}, {"text": None}], bpe, seq_len=4, progress=False)
     with pytest.raises(DatasleuthError, match="document 1 is a int; pass strings"):
         pack_corpus(["fine", 3], bpe, seq_len=4, progress=False)
+    with pytest.raises(DatasleuthError, match="every document of the corpus is empty or blank"):
+        pack_corpus(["", "  \n", ""], bpe, seq_len=4, progress=False)  # wrong column, say
     with pytest.raises(DatasleuthError, match="seq_len"):
         pack_corpus(["fine"], bpe, seq_len=0, progress=False)
     with pytest.raises(DatasleuthError, match="not a packed corpus.*pack"):

@@ -329,7 +329,12 @@ MIN_TOKENS_PER_CHAR = 0.01
 def _check_tokens(packer: _Packer) -> None:
     """Refuse a packing whose documents gave (almost) no tokens of their own."""
     tokens, chars = packer.text_tokens, packer.text_chars
-    if chars > 0 and tokens < MIN_TOKENS_PER_CHAR * chars:
+    if chars == 0:
+        raise DatasleuthError(
+            "every document of the corpus is empty or blank, so there is no text to trace; "
+            "check the corpus, and --text-field if it has several text columns"
+        )
+    if tokens < MIN_TOKENS_PER_CHAR * chars:
         raise DatasleuthError(
             f"the tokenizer turned {chars} characters of text into {tokens} tokens, so the "
             "packed sequences would be (almost) only separators; use the model's own "

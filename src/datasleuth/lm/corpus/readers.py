@@ -198,9 +198,18 @@ def _check_not_empty(kind: str, files: list[Path]) -> None:
                 raise DatasleuthError(
                     f"{f} holds no documents; add documents to it or leave it out"
                 )
-    empty = [f for f in files if kind == "json" and f.stat().st_size == 0]
+    empty = [f for f in files if kind == "json" and _blank(f)]
     if empty:
         raise DatasleuthError(f"{empty[0]} is empty; add documents to it or leave it out")
+
+
+def _blank(path: Path) -> bool:
+    """Whether the file holds only whitespace; reads up to its first other byte."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _load_group(kind: str, files: list[Any], text_field: str, streaming: bool,
