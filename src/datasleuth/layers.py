@@ -255,6 +255,7 @@ class _Capture:
         self._seen: set[str] = set()
         self._emitted: dict[str, tuple[int, int]] = {}
         self.reached: set[str] = set()  # layers a gradient reached in some batch
+        self._widths: dict[str, int] = {}  # T of each layer's last real report
         self._modes: dict[int, ExpertMode] = {}  # experts modules running forward now
         self.discard = False  # a replayed batch (datasleuth.fsdp.lockstep): report nothing
 
@@ -290,15 +291,18 @@ class _Capture:
         """Report zeros for the layers that got no gradient in this batch: they did not
         run (a vision tower on text) or did not reach the objective, so DW̄ = 0."""
         self.reached.update(self._emitted)
+        self._widths.update((name, bt[1]) for name, bt in self._emitted.items())
         if not self._emitted:
             return
         b, t = self.mask.shape if self.mask is not None else next(iter(self._emitted.values()))
         device = next(iter(self.outputs)).device if self.outputs else None
         for layer in self.layers:
             if layer.name not in self._emitted:
+                # no mask fixes T: the layer's own, as last seen
+                n = t if self.mask is not None else self._widths.get(layer.name, t)
                 m = layer.in_features + int(layer.has_bias)
-                self._emit(layer, torch.zeros(b, t, m, dtype=self.dtype, device=device),
-                           torch.zeros(b, t, layer.out_features, dtype=self.dtype,
+                self._emit(layer, torch.zeros(b, n, m, dtype=self.dtype, device=device),
+                           torch.zeros(b, n, layer.out_features, dtype=self.dtype,
                                        device=device))
 
     @staticmethod
