@@ -250,9 +250,13 @@ def test_randomized_svd_of_a_large_layer_is_near_optimal():
 
 
 @pytest.mark.parametrize("gather", [False, True])  # True: live tokens gathered (experts)
-def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup, monkeypatch, gather):
+@pytest.mark.parametrize("block", [1 << 22, 81])  # Ṽ whole; c_fc 3 rows a time (of 32)
+def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup, monkeypatch, gather,
+                                                          block):
     import datasleuth.layers
+    import datasleuth.scale.batching
 
+    monkeypatch.setattr(datasleuth.scale.batching, "_REBUILD_BLOCK", block)
     if gather:  # every batch takes the gathered-token path, padding left out
         monkeypatch.setattr(datasleuth.layers, "SPARSE_SHARE", 1.0)
     model, task, _, seqs, _, pre, ref = lm_setup
@@ -265,7 +269,7 @@ def test_token_and_reconstruct_paths_give_the_same_scores(lm_setup, monkeypatch,
     torch.testing.assert_close(got["auto"], got["tokens"], rtol=0, atol=1e-10)
     assert got["tokens"].abs().max() > 1e-3  # not a comparison of near-zero numbers
     if gather:  # the same scores as every token taken whole
-        monkeypatch.undo()
+        monkeypatch.setattr(datasleuth.layers, "SPARSE_SHARE", 0.875)
         whole = low_rank_scores(model, task, queries, _awkward(seqs), progress=False,
                                 path="tokens").per_layer
         torch.testing.assert_close(got["tokens"], whole, rtol=0, atol=1e-10)

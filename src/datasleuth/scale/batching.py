@@ -37,10 +37,11 @@ reconstruct path forms the batch's DW̄, as the plain scan does, and rebuilds ch
 Ṽ = L R transiently. Both give the same scores up to rounding. :func:`scan_low_rank`
 picks per layer and batch by cost (``path="auto"``, the default): multiply-adds plus
 the Q P (M+1) numbers the rebuild writes and reads, each weighted as
-:data:`REBUILD_TRAFFIC` multiply-adds (measured: at GPT-2-small width, 8 × 64 tokens
-and 256 rank-32 queries, the rebuild took 8× the token path on a 2-core CPU although
-its count of multiply-adds is only 1.6×). Large batches of long sequences favour the
-rebuild, many queries of short sequences the tokens. Re-score the final top-N
+:data:`REBUILD_TRAFFIC` multiply-adds (at GPT-2-small width, 256 rank-32 queries and
+sequences of 128 tokens on a 2-core CPU, the rebuild costs as much as the token path
+at 64 sequences a batch, and less beyond). The rebuild goes a block of rows at a time
+for all queries at once, so each DW̄ is read once. Large batches of long sequences
+favour the rebuild, many queries of short sequences the tokens. Re-score the final top-N
 candidates with full-rank query gradients (:func:`rescore`).
 """
 
@@ -390,9 +391,14 @@ def _compress_in_basis(model: nn.Module, task: Task, curvature: Curvature, batch
 
 
 _PATHS = ("auto", "tokens", "reconstruct")
-REBUILD_TRAFFIC = {"cpu": 128, "other": 32}
-"""Multiply-adds one rebuilt number of Ṽ = L R costs in memory traffic, by device type
-(a 2-core CPU: ~180 measured; a GPU moves about 4 bytes per 30 multiply-adds)."""
+REBUILD_TRAFFIC = {"cpu": (180, 2.3), "other": (32, 1.0)}
+"""By device type, the reconstruct path's costs in token-path multiply-adds: (extra cost
+of one rebuilt number of Ṽ = L R, on top of its k multiply-adds; cost of one of its
+per-sequence multiply-adds, forming DW̄ and the dot products). CPU: fitted on 2 cores
+at GPT-2's MLP shapes, 256 rank-32 queries, 8 and 64 sequences of 128 tokens (the two
+paths tie at 64); other devices: not measured (a GPU moves about 4 bytes per 30
+multiply-adds)."""
+_REBUILD_BLOCK = 1 << 22  # numbers of Ṽ rebuilt at once (all queries, a block of rows)
 
 
 class LowRankScorer:
@@ -439,16 +445,25 @@ class LowRankScorer:
         path = self.path
         if path == "auto":
             tokens = rows * self.q * self.k * (p + m1)
-            traffic = REBUILD_TRAFFIC["cpu" if a.device.type == "cpu" else "other"]
-            rebuild = self.q * (self.k + traffic) * p * m1 + b * (t + self.q) * p * m1
+            traffic, per_seq = REBUILD_TRAFFIC["cpu" if a.device.type == "cpu" else "other"]
+            rebuild = (self.q * (self.k + traffic) * p * m1
+                       + per_seq * b * (t + self.q) * p * m1)
             path = "tokens" if tokens <= rebuild else "reconstruct"
         if path == "reconstruct":
-            dw = per_example_gradients(a, g, keep).reshape(b, -1)  # (B, P(M+1))
-            step = max(1, _CHUNK_ELEMENTS // max(1, p * m1))
-            out = [dw @ torch.bmm(self.l3[q0 : q0 + step], self.r3[q0 : q0 + step])
-                   .reshape(-1, p * m1).t() for q0 in range(0, self.q, step)]
-            return torch.cat(out, dim=1)  # (B, Q)
+            return self._rebuilt(per_example_gradients(a, g, keep))  # DW̄: (B, P, M+1)
         return self._tokens(a, g, keep)
+
+    def _rebuilt(self, dw: Tensor) -> Tensor:
+        """⟨L R, DW̄⟩ (B, Q): Ṽ = L R rebuilt for every query a block of rows at a time,
+        each block dotted with the same rows of every DW̄ at once, so DW̄ is read once and
+        each rebuilt block is used while it is fresh in cache (an (B × Q) GEMM per block)."""
+        b, p, m1 = dw.shape
+        step = max(1, _REBUILD_BLOCK // max(1, self.q * m1))
+        out = dw.new_zeros(b, self.q)
+        for p0 in range(0, p, step):
+            v = torch.bmm(self.l3[:, p0:p0 + step], self.r3)  # (Q, rows, M+1)
+            out.addmm_(dw[:, p0:p0 + step].reshape(b, -1), v.reshape(self.q, -1).t())
+        return out
 
     def _tokens(self, a: Tensor, g: Tensor, keep: Tensor | None) -> Tensor:
         """Σ_t (Ds_tᵀ L)(R ā_t) per sequence, (B, Q), over the ``keep`` tokens if given.
