@@ -143,9 +143,9 @@ def _warn_shared(layers: Sequence[TrackedLayer]) -> None:
         groups.setdefault((id(weight), layer.expert), []).append(layer.name)
     shared = [names for names in groups.values() if len(names) > 1]
     if shared:
-        listed = "; ".join(" = ".join(names) for names in shared[:3])
+        shown = "; ".join(" = ".join(names) for names in shared[:3])
         warnings.warn(
-            f"tracked layers share weights ({listed}{' ...' if len(shared) > 3 else ''}): each "
+            f"tracked layers share weights ({shown}{' ...' if len(shared) > 3 else ''}): each "
             "use is treated as its own layer, so scores leave out the cross terms between "
             "uses; track one use per weight (--layers) to drop the others", stacklevel=3)
 
@@ -253,7 +253,7 @@ class _Capture:
         self.mask: Tensor | None = None  # (B, T) bool, set per batch
         self.outputs: list[Tensor] = []
         self._seen: set[str] = set()
-        self._emitted: dict[str, tuple[int, int]] = {}
+        self._emitted: dict[str, tuple[int, int]] = {}  # layer -> (B, T) reported this batch
         self.reached: set[str] = set()  # layers a gradient reached in some batch
         self._widths: dict[str, int] = {}  # T of each layer's last real report
         self._modes: dict[int, ExpertMode] = {}  # experts modules running forward now
@@ -264,7 +264,7 @@ class _Capture:
         self.discard = discard
         self.outputs = []
         self._seen = set()
-        self._emitted: dict[str, tuple[int, int]] = {}  # layer -> (B, T) reported this batch
+        self._emitted = {}
 
     def _as_tokens(self, x: Tensor, layer: TrackedLayer) -> Tensor:
         """Reshape (B, ..., D) or flattened (B*T, D) to (B, T, D); zero padding positions."""
@@ -295,7 +295,7 @@ class _Capture:
         if not self._emitted:
             return
         b, t = self.mask.shape if self.mask is not None else next(iter(self._emitted.values()))
-        device = next(iter(self.outputs)).device if self.outputs else None
+        device = self.outputs[0].device  # backward_to_outputs refuses a pass without any
         for layer in self.layers:
             if layer.name not in self._emitted:
                 # no mask fixes T: the layer's own, as last seen
@@ -404,18 +404,8 @@ class _Capture:
                     "the per-expert loop datasleuth reads (param[e] applied to routed tokens); "
                     "leave these expert layers out of the tracked layers"
                 )
-            idle = [layer for layer in layers if layer.name not in self._seen]
-            if idle and output.requires_grad:  # experts no token was routed to: zeros
-                for layer in idle:
-                    self._seen.add(layer.name)
-                zeros = [(layer, args[0].new_zeros(args[0].shape[0], n).to(self.dtype))
-                         for layer in idle for n in (layer.in_features, layer.out_features)]
-
-                def zero_hook(g: Tensor) -> None:
-                    for (layer, a), (_, s) in zip(zeros[::2], zeros[1::2]):
-                        self._emit(layer, self._as_tokens(a, layer), self._as_tokens(s, layer))
-
-                output.register_hook(zero_hook)
+            # Experts no token was routed to report zeros after the backward pass, as every
+            # layer no gradient reached does (:meth:`emit_silent`).
 
         return pre, post
 
