@@ -199,7 +199,9 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            # owned, allocator-aligned copies: safetensors 0.8 may hand back views of its
+            # file map at any byte offset, and BLAS kernels round differently by alignment
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise DatasleuthError(f"{path} is not a readable safetensors file ({e}); delete it") from e
     if "datasleuth" not in header:
