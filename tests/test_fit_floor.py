@@ -129,3 +129,74 @@ def test_sampled_labels_follow_the_softmax_and_never_draw_impossible_tokens(monk
     kept = wide.clone()
     task_module._sample_categorical(wide, torch.Generator().manual_seed(0))
     assert torch.equal(wide, kept)  # float64 logits are not changed in place
+
+
+def _inverse_cdf(logits: torch.Tensor, seed: int) -> torch.Tensor:
+    """The dense reference: the whole float64 CDF of every row, the same uniforms."""
+    flat = logits.reshape(-1, logits.shape[-1]).double()
+    u = torch.rand(flat.shape[0], 1, generator=torch.Generator().manual_seed(seed),
+                   dtype=torch.float64)
+    cdf = (flat - flat.amax(-1, keepdim=True)).exp().cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_two_level_sampler_equals_the_dense_inverse_cdf(dtype, monkeypatch):
+    """Block sums then the token within the block (task._draw_rows) draw what the dense
+    float64 inverse CDF draws at the same uniforms: every draw for float64 logits, all but
+    a few borderline ones for float32/bf16 (probabilities rounded at 1e-7); a vocabulary
+    that does not fill its last block, and impossible tokens around block edges and in
+    the ragged tail, are never drawn."""
+    from datasleuth import task as task_module
+
+    g = torch.Generator().manual_seed(3)
+    vocab = 3 * task_module._CDF_BLOCK + 45  # the last block is ragged
+    logits = (torch.randn(40, 500, vocab, generator=g) * 3).to(dtype)
+    impossible = [0, 127, 128, 255, vocab - 45, vocab - 1]  # block edges, ragged tail
+    logits[..., impossible] = float("-inf")
+    logits[0, 0] = float("-inf")
+    logits[0, 0, 200] = 0.0  # all mass on one token in a middle block
+    monkeypatch.setattr(task_module, "_SAMPLE_CHUNK_BYTES", 8 * vocab * 333)  # ragged chunks
+    draws = task_module._sample_categorical(logits, torch.Generator().manual_seed(5))
+    ref = _inverse_cdf(logits, 5).reshape(draws.shape)
+    assert draws[0, 0] == 200
+    assert not torch.isin(draws, torch.tensor(impossible)).any()
+    mismatches = int((draws != ref).sum())
+    assert mismatches == 0 if dtype == torch.float64 else mismatches <= 5, mismatches
+
+
+def test_fit_config_chooses_the_eigendecomposition_precision(monkeypatch):
+    """FitConfig.eigh_precision reaches the eigendecompositions: "device" keeps float64 on
+    a CPU, "auto" runs checked float32 there, and its EK-FAC agrees with float64's: the
+    damped inverse within 1e-3 (looser than the factors' own 1e-4 above, since EK-FAC's
+    corrected eigenvalues follow the basis chosen inside near-degenerate clusters); an
+    unknown value is refused."""
+    from conftest import lm_batch, tiny_gpt2
+
+    from datasleuth import FitConfig, find_layers, fit_curvature
+    from datasleuth import fitting as fitting_module
+    from datasleuth.lm.task import CausalLMTask
+
+    model = tiny_gpt2(vocab=13).float()
+    layers = find_layers(model, ["*.mlp.*"])
+    g = torch.Generator().manual_seed(0)
+    batch = lm_batch(torch.randint(1, 13, (12, 10), generator=g).tolist())
+    used = []
+    inner = fitting_module.eigh_batched
+
+    def spy(factors, precision="auto", consume=False):
+        used.append(precision)
+        return inner(factors, precision, consume)
+
+    monkeypatch.setattr(fitting_module, "eigh_batched", spy)
+    fits = {p: fit_curvature(model, CausalLMTask(), [batch], layers,
+                             FitConfig(eigh_precision=p), progress=False)
+            for p in ("device", "auto")}
+    assert used == ["float64", "auto"]
+    for name, ref in fits["device"].layers.items():
+        got = fits["auto"].layers[name]
+        x = torch.randn(3, *ref.eigenvalues.shape, generator=g, dtype=torch.float64)
+        a, b = got.precondition(x), ref.precondition(x)
+        assert float((a - b).norm() / b.norm()) < 1e-3
+    with pytest.raises(DatasleuthError, match="eigh_precision"):
+        FitConfig(eigh_precision="half")

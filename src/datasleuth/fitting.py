@@ -52,7 +52,9 @@ from datasleuth.sums import (
 from datasleuth.task import Task
 from datasleuth.utils import compute_dtype
 
-__all__ = ["FitConfig", "fit_curvature", "pass_seed"]
+__all__ = ["EIGH_PRECISIONS", "FitConfig", "fit_curvature", "pass_seed"]
+
+EIGH_PRECISIONS = ("device", "auto", "float64", "float32")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,12 @@ class FitConfig:
         shared_labels: ``True`` reproduces fits made before passes had their own labels
             (both passes draw the same labels, which biases the eigenvalues); for
             before/after comparisons only.
+        eigh_precision: precision of the eigendecompositions of A and S. ``"device"``
+            (default): ``"auto"`` on GPUs for float32/bf16/fp16 models, else ``"float64"``;
+            ``"auto"``: float32, each result checked and redone in float64 where its error
+            exceeds :data:`datasleuth.curvature.EIGH_TOLERANCE` (on a CPU about half the
+            time of float64; scores then differ from one process count to another at about
+            1e-3 where eigenvalues cluster); ``"float64"``; ``"float32"`` (unchecked).
     """
 
     curvature: str = "ekfac"
@@ -87,6 +95,7 @@ class FitConfig:
     max_batches: int | None = None
     max_factor_memory: int | None = None
     shared_labels: bool = False
+    eigh_precision: str = "device"
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -95,6 +104,9 @@ class FitConfig:
             )
         if self.fisher not in ("sampled", "empirical"):
             raise DatasleuthError(f"fisher must be 'sampled' or 'empirical', not {self.fisher!r}")
+        if self.eigh_precision not in EIGH_PRECISIONS:
+            raise DatasleuthError(f"eigh_precision must be one of {', '.join(EIGH_PRECISIONS)}, "
+                                  f"not {self.eigh_precision!r}")
         if self.damping is not None:
             resolve_damping(self.damping, "every layer")  # finite and > 0, or a clear error
         if not (math.isfinite(self.damping_scale) and self.damping_scale > 0):
@@ -227,7 +239,7 @@ def _fit_passes(
                generator=gen, start=done, max_batches=config.max_batches,
                desc="fit factors", progress=progress)
         _reduce(stats, model, factors=True)
-        bases = _eigenbases(stats, _eigh_precision(model))
+        bases = _eigenbases(stats, _eigh_precision(model, config.eigh_precision))
         phase, done = "eigenvalues", 0
         if config.curvature == "ekfac":
             saver.save("eigenvalues", 0, stats, bases, None, force=True)
@@ -402,13 +414,18 @@ def _covariance_callbacks(stats: dict[str, _Stats]):
     return on_layer, on_batch
 
 
-def _eigh_precision(model: nn.Module) -> str:
-    """float32 checked (``"auto"``) on GPUs for float32/bf16/fp16 models, else float64.
+def _eigh_precision(model: nn.Module, choice: str = "device") -> str:
+    """The precision of :func:`~datasleuth.curvature.eigh_batched` for ``choice``
+    (:attr:`FitConfig.eigh_precision`). ``"device"``: float32 checked (``"auto"``) on
+    GPUs for float32/bf16/fp16 models, else float64.
 
-    On a CPU float64 costs about 3× float32 (3072-wide factors: 20 s against 6 s on 2
-    threads), and float32's rounding moves EK-FAC's eigenvalues within near-degenerate
-    clusters enough to change token scores at 1e-3 between one and two processes.
+    On a CPU float64 costs about twice float32 (a 3072-wide factor: 3.1 s against 1.6 s
+    on 2 threads), and float32's rounding moves EK-FAC's eigenvalues within
+    near-degenerate clusters enough to change token scores at 1e-3 between one and two
+    processes, so CPUs keep float64 unless asked.
     """
+    if choice != "device":
+        return choice
     p = next(model.parameters())
     return "auto" if p.device.type != "cpu" and compute_dtype(model) != torch.float64 else "float64"
 

@@ -251,6 +251,7 @@ class _Capture:
         self.on_layer = on_layer
         self.dtype = dtype
         self.mask: Tensor | None = None  # (B, T) bool, set per batch
+        self._padded = False  # the mask has a False: padding positions to zero
         self.outputs: list[Tensor] = []
         self._seen: set[str] = set()
         self._emitted: dict[str, tuple[int, int]] = {}  # layer -> (B, T) reported this batch
@@ -261,6 +262,7 @@ class _Capture:
 
     def set_batch(self, mask: Tensor | None, discard: bool = False) -> None:
         self.mask = mask
+        self._padded = mask is not None and not bool(mask.all())  # one check a batch
         self.discard = discard
         self.outputs = []
         self._seen = set()
@@ -279,7 +281,8 @@ class _Capture:
                     f"task's mask is {tuple(self.mask.shape)}; return a mask shaped like the "
                     "layer inputs, or None"
                 )
-            x = x * self.mask[..., None].to(x.dtype)
+            if self._padded:  # an all-real batch skips a pass over every captured tensor
+                x = x * self.mask[..., None].to(x.dtype)
         return x
 
     def _emit(self, layer: TrackedLayer, a: Tensor, g: Tensor) -> None:

@@ -48,14 +48,15 @@ class CausalLMTask(Task):
 
     @staticmethod
     def _token_nll(logits: Tensor, targets: Tensor) -> Tensor:
-        """Σ_t −log p(target_{t+1} | ≤t) per sequence; targets -100 are skipped. (B,)"""
-        shifted = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) \
-            else logits[:, :-1]
-        tgt = targets[:, 1:]
-        nll = F.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-            reduction="none",
-        )
+        """Σ_t −log p(target_{t+1} | ≤t) per sequence; targets -100 are skipped. (B,)
+
+        The targets are shifted, not the logits (the last position gets -100), so neither
+        a copy of the logits nor, in the backward pass, a zero-filled one is made."""
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        tgt = F.pad(targets[:, 1:], (0, 1), value=-100)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                              ignore_index=-100, reduction="none")
         return nll.reshape(tgt.shape).sum(1)
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
