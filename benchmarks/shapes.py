@@ -62,6 +62,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eigh-precision", default="device",
+                   choices=["device", "auto", "float64", "float32"],
+                   help="FitConfig.eigh_precision (device: float64 on a CPU)")
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--kronfluence-queries", type=int, default=None,
                    help="queries of Kronfluence's scans (default: as datasleuth's)")
@@ -260,7 +263,8 @@ def _bench(name: str, args: argparse.Namespace, device: torch.device) -> list[st
     curv = None
     for _ in range(args.rounds):
         floors.append(_run(floor, device)[:2])
-        s, m, curv = _run(lambda: fit_curvature(model, task, batches, layers, FitConfig(),
+        s, m, curv = _run(lambda: fit_curvature(model, task, batches, layers,
+                                                FitConfig(eigh_precision=args.eigh_precision),
                                                 progress=False), device)
         rows.setdefault("datasleuth: fit EK-FAC", []).append((s, m))
         extra["eigh"] = eigh_seconds[-1]
@@ -301,7 +305,8 @@ def _table(name: str, model: torch.nn.Module, layers: list, args: argparse.Names
            f"{args.n_layer} block(s), tracked {len(layers)} layers "
            f"({', '.join(sorted({f'{x.out_features}x{x.in_features}' for x in layers}))}), "
            f"{args.n_seq} x {args.seq_len} tokens, batch {args.batch_size}, {device}, "
-           f"{torch.get_num_threads()} threads; eigendecompositions {extra['eigh']:.2f} s, "
+           f"{torch.get_num_threads()} threads; eigendecompositions ({args.eigh_precision}) "
+           f"{extra['eigh']:.2f} s, "
            f"preconditioning {n_full} queries {extra['precondition']:.2f} s, compressing "
            f"{args.queries} to rank {args.rank} {extra['compress']:.2f} s",
            "", "| step | seconds | × fwd+bwd | peak memory (GiB) |", "|---|---:|---:|---:|",
