@@ -200,3 +200,16 @@ def test_fit_config_chooses_the_eigendecomposition_precision(monkeypatch):
         assert float((a - b).norm() / b.norm()) < 1e-3
     with pytest.raises(DatasleuthError, match="eigh_precision"):
         FitConfig(eigh_precision="half")
+
+
+def test_a_uniform_that_rounds_to_the_total_still_draws_a_possible_token():
+    """u·C_V can round up to C_V; the draw is then the last possible token, never one of
+    the impossible tokens after it (here the whole last block and the ragged tail)."""
+    from datasleuth import task as task_module
+
+    vocab = 2 * task_module._CDF_BLOCK + 7
+    x = torch.zeros(3, vocab)
+    x[:, 100:] = float("-inf")  # tokens 100.. impossible: block 0 holds all the mass
+    u = torch.tensor([[0.0], [0.5], [1.0]], dtype=torch.float64)  # 1.0: the rounded case
+    draws = task_module._draw_rows(x, u)
+    assert draws.tolist() == [0, 50, 99]

@@ -69,8 +69,9 @@ def _sample_categorical(logits: Tensor, generator: torch.Generator) -> Tensor:
     i with C_{i−1} ≤ u·C_V < C_i for C = cumsum e, so a token of probability zero is never
     drawn. C is found in two levels (:func:`_draw_rows`): the block of 128 tokens holding
     u·C_V, from running block sums, then the token within it; only the uniforms cross
-    devices, in row blocks of 64 MiB. (A float64 CDF of the whole vocabulary cost 5× this
-    at 8192 tokens, ``torch.multinomial`` on CPU probabilities 45×.)
+    devices, in row blocks of 64 MiB. (A float64 CDF of the whole vocabulary cost 6× this
+    at 8192 tokens, 47 against 7.6 ms a batch of 8 × 127; ``torch.multinomial`` on CPU
+    probabilities about 50×.)
     """
     logits = logits.detach()
     vocab = logits.shape[-1]
@@ -113,7 +114,9 @@ def _draw_rows(x: Tensor, u: Tensor) -> Tensor:
             "the Fisher (fisher='sampled'); check the model's weights and inputs (an "
             "overflow in float16/bfloat16 is a common cause) or load it in float32")
     target = u * total  # (n, 1)
-    block = torch.searchsorted(ends, target, right=True).clamp_max_(ends.shape[1] - 1)
+    # past the last block of positive mass only if u·C_V rounded up to C_V: take that block
+    last = ends.shape[1] - 1 - (sums.flip(-1) > 0).int().argmax(-1, keepdim=True)
+    block = torch.minimum(torch.searchsorted(ends, target, right=True), last)
     mass = sums.gather(1, block)  # > 0: the block holds u·C_V, so it holds probability
     fraction = ((target - ends.gather(1, block) + mass) / mass).clamp_(0, 1 - 2.0**-50)
     inner = e[torch.arange(n, device=x.device), block[:, 0]].double().cumsum_(-1)
